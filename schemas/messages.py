@@ -337,6 +337,35 @@ class RetrieveReply(PipelineScoped):
     error: Text | None = None
 
 
+# --------------------------------------------------------------------------- desired state
+
+
+class StageDesired(SairModel):
+    """Value of KV key `<pipeline>.<stage>` in bucket `sair_desired` (the local backend)."""
+
+    replicas: Annotated[int, Field(ge=0, le=1000)]
+    rho: Rho | None = None
+    action_id: Identifier | None = None
+    ts_s: TimestampS
+
+
+class StageReplicas(SairModel):
+    stage: Name
+    desired: Count
+    starting: Count = 0
+    ready: Count = 0
+    draining: Count = 0
+    crashed_total: Count = 0
+
+
+class ReplicaStatus(PipelineScoped):
+    """The supervisor's view of each stage's worker processes, on `sair.replicas.<pipeline>`."""
+
+    supervisor_id: Identifier
+    ts_s: TimestampS
+    stages: list[StageReplicas] = Field(min_length=1, max_length=MAX_STAGES)
+
+
 # --------------------------------------------------------------------------- dead letters
 
 
@@ -364,5 +393,7 @@ ALL_MESSAGES: tuple[type[SairModel], ...] = (
     RetrieveRequest,
     RetrieveReply,
     DeadLetter,
+    StageDesired,
+    ReplicaStatus,
     PipelineSpec,
 )

@@ -89,6 +89,11 @@ def action_results(pipeline: str) -> str:
     return f"{PREFIX}.actions.{check_name(pipeline, 'pipeline')}.result"
 
 
+def replicas(pipeline: str) -> str:
+    """The supervisor's replica counts per stage (`ReplicaStatus`)."""
+    return f"{PREFIX}.replicas.{check_name(pipeline, 'pipeline')}"
+
+
 def dlq(service: str) -> str:
     """Dead letters of one service."""
     return f"{PREFIX}.dlq.{check_name(service, 'service')}"
@@ -105,7 +110,13 @@ def stage_consumer(stage: str) -> str:
 
 
 def desired_key(pipeline: str, stage: str) -> str:
+    """KV key of a stage's `StageDesired` in `DESIRED_BUCKET`."""
     return f"{check_name(pipeline, 'pipeline')}.{check_stage(stage)}"
+
+
+def gpu_bucket_key(pipeline: str, stage: str) -> str:
+    """Redis hash of a GPU stage's shared launch-token bucket (docs/gpu-tokens.md)."""
+    return f"sair:gpu:{check_name(pipeline, 'pipeline')}:{check_stage(stage)}"
 
 
 ALL_SUBJECT_FUNCTIONS = (
@@ -117,5 +128,6 @@ ALL_SUBJECT_FUNCTIONS = (
     retrieve,
     actions,
     action_results,
+    replicas,
     dlq,
 )
