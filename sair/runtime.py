@@ -239,7 +239,9 @@ class ServiceRuntime:
 
     def _start_metrics_server(self) -> None:
         server, _thread = start_http_server(
-            self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.metrics.registry
+            self.settings.metrics_port,
+            addr=self.settings.metrics_host,
+            registry=self.metrics.registry,
         )
         self._metrics_server = server
         self.metrics_port = int(server.server_port)
@@ -251,7 +253,7 @@ class ServiceRuntime:
     async def run(self) -> None:
         """Wait until SIGTERM/SIGINT (or `stop()`), then close gracefully."""
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.stop)
@@ -353,7 +355,9 @@ class ServiceRuntime:
             try:
                 parsed = model.model_validate_json(msg.data, context=context)
             except ValidationError as exc:
-                await self.dead_letter(msg.subject, msg.data, f"{model.__name__}: {describe_error(exc)}")
+                await self.dead_letter(
+                    msg.subject, msg.data, f"{model.__name__}: {describe_error(exc)}"
+                )
                 return
             started = time.perf_counter()
             try:
@@ -456,7 +460,9 @@ class ServiceRuntime:
         try:
             parsed = model.model_validate_json(msg.data, context=context)
         except ValidationError as exc:
-            await self.dead_letter(msg.subject, msg.data, f"{model.__name__}: {describe_error(exc)}")
+            await self.dead_letter(
+                msg.subject, msg.data, f"{model.__name__}: {describe_error(exc)}"
+            )
             await msg.term()
             return
         try:

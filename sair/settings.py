@@ -37,7 +37,9 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+def _url(
+    env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]
+) -> str | None:
     raw = env.get(name) or default
     if raw is None:
         return None

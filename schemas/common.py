@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 MAX_NAME_CHARS = 64
@@ -32,7 +32,9 @@ Name = Annotated[
 
 Identifier = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", min_length=1, max_length=MAX_ID_CHARS),
+    StringConstraints(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", min_length=1, max_length=MAX_ID_CHARS
+    ),
 ]
 """An opaque id (worker id, action id, episode id)."""
 

@@ -330,7 +330,9 @@ class RetrievedEpisode(SairModel):
 
 
 class RetrieveReply(PipelineScoped):
-    episodes: list[RetrievedEpisode] = Field(default_factory=list, max_length=MAX_EPISODES_PER_REPLY)
+    episodes: list[RetrievedEpisode] = Field(
+        default_factory=list, max_length=MAX_EPISODES_PER_REPLY
+    )
     stored: Count = 0
     cold_start: bool = False
     """Fewer than m episodes were stored: everything that exists was returned."""

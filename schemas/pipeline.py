@@ -6,6 +6,7 @@ Stages are listed in order (the request flows from the first to the last).
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,7 +59,7 @@ class StageSpec(SairModel):
     startup_s: NonNegFloat = 0.0
     """Time from start to ready of a replica (a GPU model load takes seconds)."""
     full_speed_launch_rate: PosFloat | None = None
-    """GPU stages: kernel launches per second of one replica at rho = 1 (token refill = rho x this)."""
+    """GPU stages: kernel launches/s of one replica at rho = 1 (token refill = rho x this)."""
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 1
     """Requests one replica processes at once."""
     options: dict[Name, float | int | str | bool] = Field(default_factory=dict, max_length=64)
@@ -75,7 +76,7 @@ class StageSpec(SairModel):
     @field_validator("rho_grid")
     @classmethod
     def _grid_ascending(cls, grid: list[float]) -> list[float]:
-        for a, b in zip(grid, grid[1:], strict=False):
+        for a, b in itertools.pairwise(grid):
             if not a < b:
                 raise ValueError(f"rho_grid must be strictly ascending, got {grid!r}")
         if any(r <= 0 for r in grid):

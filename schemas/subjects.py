@@ -31,9 +31,7 @@ STATE_BUCKET = "sair_state"
 def check_name(value: str, field: str = "name") -> str:
     """Return `value` if it is a valid pipeline/stage/service name, else raise ValueError."""
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
-        raise ValueError(
-            f"{field}={value!r}: must be a string of 1..{MAX_NAME_CHARS} characters"
-        )
+        raise ValueError(f"{field}={value!r}: must be a string of 1..{MAX_NAME_CHARS} characters")
     if not _NAME_RE.match(value):
         raise ValueError(f"{field}={value!r}: must match {NAME_PATTERN}")
     return value

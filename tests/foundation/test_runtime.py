@@ -11,8 +11,7 @@ from nats.aio.client import Client as NatsClient
 from sair.runtime import ServiceRuntime, ensure_pipeline_streams
 from sair.settings import Settings
 from sair.stack import ManagedServer
-from schemas import StageAction
-from schemas import subjects
+from schemas import StageAction, subjects
 from schemas.messages import DeadLetter, RetrieveReply, RetrieveRequest
 from schemas.pipeline import PipelineSpec, StageSpec
 
@@ -45,9 +44,13 @@ async def test_malformed_message_goes_to_dead_letter_and_next_good_one_is_handle
     letters = await _dlq_consumer(nc, "dlqtest")
     await nc.flush()
 
-    await nc.publish("sair.test.dlq", json.dumps({"stage": "infer", "target_replicas": -3}).encode())
+    await nc.publish(
+        "sair.test.dlq", json.dumps({"stage": "infer", "target_replicas": -3}).encode()
+    )
     await nc.publish("sair.test.dlq", b"{not json")
-    await nc.publish("sair.test.dlq", StageAction(stage="infer", target_replicas=2).model_dump_json().encode())
+    await nc.publish(
+        "sair.test.dlq", StageAction(stage="infer", target_replicas=2).model_dump_json().encode()
+    )
 
     first = await asyncio.wait_for(letters.get(), 5)
     assert first.subject == "sair.test.dlq"
@@ -93,7 +96,9 @@ async def test_request_reply_with_error_reply_for_bad_request(nats_server: Manag
         RetrieveReply,
     )
     assert ok.stored == 3 and ok.error is None
-    raw = await rt.nc.request("sair.test.rr", b'{"pipeline": "p", "encoding_version": 0, "context": [1]}', timeout=5)
+    raw = await rt.nc.request(
+        "sair.test.rr", b'{"pipeline": "p", "encoding_version": 0, "context": [1]}', timeout=5
+    )
     bad = RetrieveReply.model_validate_json(raw.data)
     assert bad.error is not None and "encoding_version=0" in bad.error
     await rt.close()
@@ -134,7 +139,10 @@ async def test_jetstream_consumer_acks_after_handler_and_redelivers_on_error(
     )
     js = nc.jetstream()
     for i in range(5):
-        await js.publish(subjects.pipe_stage("rtjs", "a"), StageAction(stage="a", target_replicas=i).model_dump_json().encode())
+        await js.publish(
+            subjects.pipe_stage("rtjs", "a"),
+            StageAction(stage="a", target_replicas=i).model_dump_json().encode(),
+        )
     await asyncio.wait_for(done.wait(), 10)
     assert sorted(seen) == [0, 1, 2, 3, 4]
     await asyncio.sleep(0.3)
@@ -151,7 +159,11 @@ async def test_metrics_endpoint_serves_counters(nats_server: ManagedServer) -> N
     await rt.dead_letter("sair.y", b"x", "r")
     assert rt.metrics_port
     body = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{rt.metrics_port}/metrics", timeout=5).read().decode()
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{rt.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
     )
     assert 'sair_messages_rejected_total{service="metricstest",subject="sair.y"} 1.0' in body
     await rt.close()
