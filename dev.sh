@@ -38,14 +38,15 @@ find_python() {
 }
 
 ensure_uv() {
-  if command -v uv >/dev/null 2>&1; then UV=$(command -v uv); return 0; fi
-  if [ -x "$HOME/.local/bin/uv" ]; then UV="$HOME/.local/bin/uv"; return 0; fi
-  log "installing uv with pip"
+  if command -v uv >/dev/null 2>&1; then UV=(uv); return 0; fi
   local py; py=$(find_python)
+  if "$py" -m uv --version >/dev/null 2>&1; then UV=("$py" -m uv); return 0; fi
+  log "installing uv with pip"
+  # A system Python wants --user (Debian: and --break-system-packages); a venv wants neither.
   "$py" -m pip install --quiet --user uv 2>/dev/null ||
-    "$py" -m pip install --quiet --user --break-system-packages uv
-  UV=$("$py" -c 'import sysconfig, os; print(os.path.join(sysconfig.get_path("scripts", f"{os.name}_user"), "uv"))')
-  [ -x "$UV" ] || UV="$HOME/.local/bin/uv"
+    "$py" -m pip install --quiet --user --break-system-packages uv 2>/dev/null ||
+    "$py" -m pip install --quiet uv
+  UV=("$py" -m uv)
 }
 
 setup() {
@@ -53,7 +54,7 @@ setup() {
   ensure_uv
   local py; py=$(find_python)
   log "syncing .venv from uv.lock"
-  UV_PYTHON_DOWNLOADS=never "$UV" sync --frozen --python "$py" --quiet
+  UV_PYTHON_DOWNLOADS=never "${UV[@]}" sync --frozen --python "$py" --quiet
   if [ -f gpu_interceptor/Makefile ]; then
     log "building gpu_interceptor"
     make -s -C gpu_interceptor
