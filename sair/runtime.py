@@ -185,6 +185,7 @@ class ServiceRuntime:
     js: JetStreamContext = field(init=False)
     metrics_port: int | None = field(default=None, init=False)
     _subs: list[Subscription] = field(default_factory=list, init=False)
+    _pull_subs: list[JetStreamContext.PullSubscription] = field(default_factory=list, init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _metrics_server: Any = field(default=None, init=False)
@@ -273,6 +274,12 @@ class ServiceRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        # A pull subscription whose fetch was cancelled can hold drain() for its whole
+        # timeout; unsubscribing first avoids that stall.
+        for psub in self._pull_subs:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+        self._pull_subs.clear()
         if hasattr(self, "nc") and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), timeout=10)
@@ -429,6 +436,7 @@ class ServiceRuntime:
         """Durable JetStream pull consumer: ack after the handler returns; a handler error
         naks with a delay (redelivery); a malformed message is dead-lettered and terminated."""
         psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        self._pull_subs.append(psub)
 
         async def loop() -> None:
             while not self._stopping.is_set():

@@ -28,5 +28,5 @@ if state[1] ~= false then
   tokens = math.min(tokens, burst)
 end
 redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'burst', tostring(burst),
-  'tokens', tostring(tokens), 'ts_us', tostring(now_us))
+  'tokens', tostring(tokens), 'ts_us', string.format('%d', now_us))
 return math.floor(tokens)

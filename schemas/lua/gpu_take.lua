@@ -5,7 +5,8 @@
 --          thousandths of a token per second; {-1, 0} when the bucket has not been configured.
 -- The bucket refills lazily from elapsed Redis TIME, so Redis needs no background job.
 local requested = tonumber(ARGV[1])
-if requested == nil or requested < 1 then
+if requested == nil or requested ~= requested or requested == math.huge
+    or requested < 1 or requested ~= math.floor(requested) then
   return redis.error_reply('requested must be an integer >= 1, got ' .. tostring(ARGV[1]))
 end
 local state = redis.call('HMGET', KEYS[1], 'rate', 'burst', 'tokens', 'ts_us')
@@ -25,5 +26,5 @@ end
 local granted = math.min(requested, math.floor(tokens))
 if granted < 0 then granted = 0 end
 tokens = tokens - granted
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts_us', tostring(now_us))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts_us', string.format('%d', now_us))
 return {granted, math.floor(rate * 1000)}
