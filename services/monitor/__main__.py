@@ -1,0 +1,5 @@
+"""`python -m services.monitor --pipeline-spec PATH`."""
+
+from .app import main
+
+main()

@@ -1,0 +1,579 @@
+"""Sliding-window aggregation of worker reports and completions into `PipelineTelemetry`.
+
+Pure: the clock is passed in as `now` (seconds; wall time in the service, simulated time in
+the simulator), nothing here reads a clock or does I/O.
+
+    agg = WindowAggregator(spec, window_s=30)
+    agg.add_report(report, now)          # every WorkerReport
+    agg.add_completion(completion, now)  # every Completion on sair.pipe.<p>.done
+    agg.add_replica_status(status, now)  # the supervisor's ReplicaStatus, when there is one
+    telemetry = agg.snapshot(now, queues={"infer": QueueObservation(depth, arrived_total)})
+
+Reports are folded into one-second slots per stage as they arrive (sparse histogram counts
+added, sums kept), so a snapshot costs O(stages x window slots), whatever the report rate.
+Data-quality rules (docs/monitor.md): None means unknown, never an invented 0; a stage whose
+last report is older than `stale_after_s` is stale and its report-derived figures are None;
+figures built from fewer replicas than expected, or inferred rather than measured, are named
+in `estimated_fields`; figures that cannot be given are named in `missing_fields`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schemas.histogram import N_BUCKETS, bucket_index
+from schemas.messages import (
+    Completion,
+    PipelineTelemetry,
+    ReplicaStatus,
+    StageMetrics,
+    WorkerReport,
+)
+from schemas.pipeline import PipelineSpec, StageSpec
+
+from .bottleneck import Bottleneck, StageLoad, detect_bottleneck
+from .histo import add_counts, convolve, percentiles
+
+SLOT_S = 1.0
+DEFAULT_WINDOW_S = 30.0
+DEFAULT_STALE_AFTER_S = 3.0
+DEFAULT_GROWTH_WINDOW_S = 10.0
+"""Queue growth is the slope over the last 10 s: fresh enough for a reflex, smooth enough."""
+MAX_LOST_REPORTS = 60
+"""A seq jump larger than this is treated as a restart, not as lost reports."""
+
+
+@dataclass(frozen=True)
+class QueueObservation:
+    """A stage queue read from JetStream at one instant (None = could not be read)."""
+
+    depth: int | None
+    """num_pending + num_ack_pending of the stage's durable consumer."""
+    arrived_total: int | None = None
+    """Messages that ever entered the stage queue: delivered.consumer_seq + num_pending."""
+
+
+@dataclass
+class _Slot:
+    """Everything reported for one stage during one second."""
+
+    reports: int = 0
+    lost_reports: int = 0
+    processed: int = 0
+    failed: int = 0
+    busy_s: float = 0.0
+    interval_s: float = 0.0
+    token_wait_s: float = 0.0
+    rho_x_interval: float = 0.0
+    rho_interval_s: float = 0.0
+    service: dict[int, int] = field(default_factory=dict)
+    service_sum_ms: float = 0.0
+    queue_wait: dict[int, int] = field(default_factory=dict)
+    # Histogram counts not yet folded in: bucket indices and counts, appended by C-level
+    # list.extend per report and folded with one numpy bincount at the next snapshot (a
+    # Python loop per bucket per report was the monitor's largest per-message cost).
+    pending_service: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+    pending_wait: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+
+    def fold(self) -> None:
+        """Fold the pending histogram counts into `service` and `queue_wait`."""
+        fold_pending(self.pending_service, self.service)
+        fold_pending(self.pending_wait, self.queue_wait)
+
+
+@dataclass
+class _Worker:
+    stage: str
+    worker_id: str
+    seq: int
+    ts_s: float
+    state: str
+    last_seen_s: float
+    rho: float | None
+    restarts: int = 0
+
+
+@dataclass
+class _CompletionSlot:
+    n: int = 0
+    n_ok: int = 0
+    n_within_slo: int = 0
+    e2e: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _StageState:
+    spec: StageSpec
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    first_report_s: float | None = None
+    last_report_s: float | None = None
+    queue: deque[tuple[float, int | None, int | None]] = field(default_factory=deque)
+
+
+class WindowAggregator:
+    """Per-pipeline sliding-window state; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        window_s: float = DEFAULT_WINDOW_S,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        growth_window_s: float = DEFAULT_GROWTH_WINDOW_S,
+        replica_status_max_age_s: float | None = None,
+        horizon_s: float | None = None,
+    ) -> None:
+        if not window_s > 0 or not math.isfinite(window_s):
+            raise ValueError(f"window_s={window_s!r} must be a finite number > 0")
+        if not stale_after_s > 0:
+            raise ValueError(f"stale_after_s={stale_after_s!r} must be > 0")
+        self.spec = spec
+        self.window_s = float(window_s)
+        self.stale_after_s = float(stale_after_s)
+        self.growth_window_s = min(float(growth_window_s), self.window_s)
+        self.replica_status_max_age_s = (
+            replica_status_max_age_s
+            if replica_status_max_age_s is not None
+            else max(10.0, 3 * spec.tick_s)
+        )
+        # The decision is judged over the next control interval plus the settle time.
+        self.horizon_s = (
+            horizon_s if horizon_s is not None else spec.control_interval_s + spec.settle_s
+        )
+        self._stages: dict[str, _StageState] = {s.name: _StageState(s) for s in spec.stages}
+        self._workers: dict[tuple[str, str], _Worker] = {}
+        self._completions: dict[int, _CompletionSlot] = {}
+        self._replicas: ReplicaStatus | None = None
+        self._replicas_seen_s: float | None = None
+        self._started_s: float | None = None
+        self._tick = 0
+        self.reports_total = 0
+        self.duplicates_total = 0
+        self.restarts_total = 0
+        self.lost_reports_total = 0
+        self.completions_total = 0
+
+    # ------------------------------------------------------------------ ingest
+
+    def _mark_start(self, now: float) -> None:
+        if self._started_s is None:
+            self._started_s = now
+
+    def add_report(self, report: WorkerReport, now: float) -> bool:
+        """Fold one worker report in; False when it was a duplicate and ignored."""
+        st = self._stages.get(report.stage)
+        if st is None or report.pipeline != self.spec.name:
+            raise ValueError(
+                f"report for {report.pipeline!r}/{report.stage!r} does not belong to "
+                f"pipeline {self.spec.name!r} (stages {', '.join(self.spec.stage_names)})"
+            )
+        self._mark_start(now)
+        key = (report.stage, report.worker_id)
+        worker = self._workers.get(key)
+        lost = 0
+        if worker is None:
+            worker = _Worker(
+                report.stage, report.worker_id, report.seq, report.ts_s, report.state, now,
+                report.rho,
+            )
+            self._workers[key] = worker
+        else:
+            if report.seq == worker.seq and report.ts_s == worker.ts_s:
+                self.duplicates_total += 1
+                return False
+            if report.seq <= worker.seq:
+                # The counter went back: the worker process restarted under the same id.
+                # Its reports are per-interval deltas, so nothing is double counted.
+                worker.restarts += 1
+                self.restarts_total += 1
+            elif report.seq - worker.seq - 1 <= MAX_LOST_REPORTS:
+                lost = report.seq - worker.seq - 1
+            worker.seq = report.seq
+            worker.ts_s = report.ts_s
+            worker.state = report.state
+            worker.last_seen_s = now
+            worker.rho = report.rho
+        self.reports_total += 1
+        self.lost_reports_total += lost
+        if st.first_report_s is None:
+            st.first_report_s = now - report.interval_s
+        if st.last_report_s is None or now > st.last_report_s:
+            st.last_report_s = now
+        idx = int(now // SLOT_S)
+        slot = st.slots.get(idx)
+        if slot is None:
+            slot = st.slots[idx] = _Slot()
+        slot.reports += 1
+        slot.lost_reports += lost
+        slot.processed += report.processed
+        slot.failed += report.failed
+        slot.busy_s += report.busy_s
+        slot.interval_s += report.interval_s
+        slot.token_wait_s += report.gpu_token_wait_s
+        if report.rho is not None:
+            slot.rho_x_interval += report.rho * report.interval_s
+            slot.rho_interval_s += report.interval_s
+        counts = report.service_ms.counts
+        if counts:
+            slot.pending_service[0].extend(counts.keys())
+            slot.pending_service[1].extend(counts.values())
+            slot.service_sum_ms += report.service_ms.sum_ms
+        counts = report.queue_wait_ms.counts
+        if counts:
+            slot.pending_wait[0].extend(counts.keys())
+            slot.pending_wait[1].extend(counts.values())
+        return True
+
+    def add_completion(self, completion: Completion, now: float) -> None:
+        """Fold one end-to-end completion in (failed ones count against the SLO)."""
+        if completion.pipeline != self.spec.name:
+            raise ValueError(
+                f"completion for pipeline {completion.pipeline!r} is not {self.spec.name!r}"
+            )
+        self._mark_start(now)
+        self.completions_total += 1
+        idx = int(now // SLOT_S)
+        slot = self._completions.get(idx)
+        if slot is None:
+            slot = self._completions[idx] = _CompletionSlot()
+        slot.n += 1
+        if completion.ok:
+            slot.n_ok += 1
+            if completion.e2e_ms <= self.spec.slo_p99_ms:
+                slot.n_within_slo += 1
+            b = bucket_index(completion.e2e_ms)
+            slot.e2e[b] = slot.e2e.get(b, 0) + 1
+
+    def add_replica_status(self, status: ReplicaStatus, now: float) -> None:
+        if status.pipeline != self.spec.name:
+            raise ValueError(f"replica status for {status.pipeline!r} is not {self.spec.name!r}")
+        self._replicas = status
+        self._replicas_seen_s = now
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(
+        self,
+        now: float,
+        queues: Mapping[str, QueueObservation | None] | None = None,
+        replica_status: ReplicaStatus | None = None,
+    ) -> PipelineTelemetry:
+        """The pipeline over the window ending at `now`; advances the tick counter."""
+        self._mark_start(now)
+        if replica_status is not None:
+            self.add_replica_status(replica_status, now)
+        self._prune(now)
+        queues = queues or {}
+        status = self._fresh_replica_status(now)
+        metrics: list[StageMetrics] = []
+        loads: list[StageLoad] = []
+        short: list[str] = []
+        for name, st in self._stages.items():
+            obs = queues.get(name)
+            if obs is not None:
+                st.queue.append((now, obs.depth, obs.arrived_total))
+            m, load, short_of_replicas = self._stage_metrics(st, now, status)
+            metrics.append(m)
+            loads.append(load)
+            if short_of_replicas:
+                short.append(name)
+        bottleneck = detect_bottleneck(loads, horizon_s=self.horizon_s)
+        telemetry = self._pipeline(now, metrics, bottleneck, short)
+        self._tick += 1
+        return telemetry
+
+    def _prune(self, now: float) -> None:
+        # Keep every slot that overlaps (now - window, now].
+        oldest = math.floor((now - self.window_s) / SLOT_S) - 1
+        for st in self._stages.values():
+            for idx in [i for i in st.slots if i <= oldest]:
+                del st.slots[idx]
+            while st.queue and st.queue[0][0] < now - self.window_s:
+                st.queue.popleft()
+        for idx in [i for i in self._completions if i <= oldest]:
+            del self._completions[idx]
+        horizon = now - self.window_s
+        for key in [k for k, w in self._workers.items() if w.last_seen_s < horizon]:
+            del self._workers[key]
+
+    def _fresh_replica_status(self, now: float) -> ReplicaStatus | None:
+        if self._replicas is None or self._replicas_seen_s is None:
+            return None
+        if now - self._replicas_seen_s > self.replica_status_max_age_s:
+            return None
+        return self._replicas
+
+    def _effective_window_s(self, since_s: float | None, now: float) -> float | None:
+        """Length of the window actually observed (shorter right after start)."""
+        if since_s is None:
+            return None
+        span = min(self.window_s, now - since_s)
+        return span if span > 0 else None
+
+    def _stage_metrics(
+        self, st: _StageState, now: float, status: ReplicaStatus | None
+    ) -> tuple[StageMetrics, StageLoad, bool]:
+        """The stage's metrics, the detector's view of it, and whether replicas are missing."""
+        spec = st.spec
+        missing: list[str] = []
+        estimated: list[str] = []
+        stale = st.last_report_s is None or now - st.last_report_s > self.stale_after_s
+
+        # --- replicas: the supervisor's view when fresh, else the workers' own reports.
+        alive = [
+            w
+            for w in self._workers.values()
+            if w.stage == spec.name and now - w.last_seen_s <= self.stale_after_s
+        ]
+        vanished = [
+            w
+            for w in self._workers.values()
+            if w.stage == spec.name
+            and now - w.last_seen_s > self.stale_after_s
+            and w.state != "draining"
+        ]
+        reporting = len(alive)
+        by_state = {"ready": 0, "starting": 0, "draining": 0}
+        for w in alive:
+            by_state[w.state] += 1
+        desired: int | None = None
+        stage_status = None
+        if status is not None:
+            stage_status = next((s for s in status.stages if s.stage == spec.name), None)
+        if stage_status is not None:
+            ready, starting, draining = (
+                stage_status.ready,
+                stage_status.starting,
+                stage_status.draining,
+            )
+            desired = stage_status.desired
+            expected = ready + starting + draining
+        else:
+            ready = by_state["ready"]
+            starting = by_state["starting"]
+            draining = by_state["draining"]
+            expected = reporting + len(vanished)
+            if reporting == 0 and not vanished:
+                missing.append("replicas_ready")
+        short_of_replicas = reporting < expected
+
+        # --- sums over the window's slots.
+        slots = list(st.slots.values())
+        n_reports = sum(s.reports for s in slots)
+        lost = sum(s.lost_reports for s in slots)
+        processed = sum(s.processed for s in slots)
+        busy_s = sum(s.busy_s for s in slots)
+        interval_s = sum(s.interval_s for s in slots)
+        token_wait_s = sum(s.token_wait_s for s in slots)
+        rho_int = sum(s.rho_interval_s for s in slots)
+        service: dict[int, int] = {}
+        queue_wait: dict[int, int] = {}
+        service_sum_ms = 0.0
+        for s in slots:
+            s.fold()
+            add_counts(service, s.service)
+            add_counts(queue_wait, s.queue_wait)
+            service_sum_ms += s.service_sum_ms
+
+        # --- rho: what the replicas say they run at, else the spec's start value.
+        rho: float | None = None
+        if spec.kind == "gpu":
+            if rho_int > 0:
+                rho = sum(s.rho_x_interval for s in slots) / rho_int
+            else:
+                rho = spec.start_rho
+                estimated.append("rho")
+
+        throughput: float | None = None
+        utilisation: float | None = None
+        service_pct = None
+        sojourn_pct = None
+        token_wait: float | None = None
+        service_mean_s: float | None = None
+        span = self._effective_window_s(st.first_report_s, now)
+        if stale or n_reports == 0 or span is None:
+            missing += ["throughput_rps", "utilisation", "service_ms", "sojourn_ms"]
+            if spec.kind == "gpu":
+                missing.append("gpu_token_wait_s")
+        else:
+            throughput = processed * (n_reports + lost) / n_reports / span
+            if lost:
+                estimated.append("throughput_rps")
+            if interval_s > 0:
+                occupied = busy_s
+                if spec.kind == "gpu":
+                    # GPU time actually used = busy minus time blocked on launch tokens; the
+                    # quota is rho of the GPU, so divide by rho (the paper's normalisation).
+                    occupied = max(0.0, busy_s - token_wait_s)
+                    if rho is not None and rho > 0:
+                        utilisation = occupied / (interval_s * spec.concurrency * rho)
+                else:
+                    utilisation = occupied / (interval_s * spec.concurrency)
+            if utilisation is None:
+                missing.append("utilisation")
+            if short_of_replicas:
+                estimated += ["throughput_rps", "utilisation"] if utilisation is not None else [
+                    "throughput_rps"
+                ]
+            service_pct = percentiles(service)
+            n_service = sum(service.values())
+            if service_pct is None:
+                missing.append("service_ms")
+            else:
+                service_mean_s = service_sum_ms / n_service / 1000.0
+            if service_pct is not None and queue_wait:
+                sojourn_pct = percentiles(convolve(queue_wait, service))
+            if sojourn_pct is None:
+                missing.append("sojourn_ms")
+            else:
+                # Convolution assumes wait and service independent.
+                estimated.append("sojourn_ms")
+            if spec.kind == "gpu":
+                token_wait = token_wait_s
+
+        # --- the queue, from JetStream.
+        depth: int | None = None
+        growth: float | None = None
+        arrival: float | None = None
+        if st.queue and st.queue[-1][0] == now and st.queue[-1][1] is not None:
+            depth = st.queue[-1][1]
+        if depth is None:
+            missing.append("queue_depth")
+        growth = self._growth(st, now)
+        if growth is None:
+            missing.append("queue_growth_per_s")
+        arrival = self._arrival(st)
+        if arrival is None and throughput is not None and growth is not None:
+            # Flow conservation: what arrives is what leaves plus what piles up.
+            arrival = max(0.0, throughput + growth)
+            estimated.append("arrival_rate_rps")
+        if arrival is None:
+            missing.append("arrival_rate_rps")
+
+        billed = ready + starting + draining
+        cost = billed * self.spec.replica_cost_per_h(spec, rho)
+        metrics = StageMetrics(
+            stage=spec.name,
+            kind=spec.kind,
+            replicas_ready=ready,
+            replicas_starting=starting,
+            replicas_draining=draining,
+            replicas_desired=desired,
+            reporting_replicas=reporting,
+            arrival_rate_rps=arrival,
+            throughput_rps=throughput,
+            queue_depth=depth,
+            queue_growth_per_s=growth,
+            utilisation=utilisation,
+            service_ms=service_pct,
+            sojourn_ms=sojourn_pct,
+            rho=rho,
+            cost_per_h=cost,
+            gpu_token_wait_s=token_wait,
+            stale=stale,
+            missing_fields=_unique(missing),
+            estimated_fields=_unique(estimated),
+        )
+        servers = (ready if ready > 0 else reporting) * spec.concurrency
+        load = StageLoad(
+            name=spec.name,
+            servers=servers,
+            service_s=service_mean_s,
+            arrival_rps=arrival,
+            throughput_rps=throughput,
+            queue_depth=depth,
+            queue_growth_per_s=growth,
+            utilisation=utilisation,
+        )
+        return metrics, load, short_of_replicas
+
+    def _growth(self, st: _StageState, now: float) -> float | None:
+        """Least-squares slope of queue depth over the growth window (requests/s)."""
+        pts = [(t, d) for t, d, _ in st.queue if d is not None and t >= now - self.growth_window_s]
+        if len(pts) < 2 or pts[-1][0] - pts[0][0] < 1e-6:
+            return None
+        n = len(pts)
+        mt = sum(t for t, _ in pts) / n
+        md = sum(d for _, d in pts) / n
+        var = sum((t - mt) ** 2 for t, _ in pts)
+        if var <= 0:
+            return None
+        return sum((t - mt) * (d - md) for t, d in pts) / var
+
+    def _arrival(self, st: _StageState) -> float | None:
+        """Growth of the stage's cumulative arrivals over the window (requests/s)."""
+        pts = [(t, a) for t, _, a in st.queue if a is not None]
+        # A counter that goes back means the consumer was recreated: start after the reset.
+        start = 0
+        for i in range(1, len(pts)):
+            if pts[i][1] < pts[i - 1][1]:
+                start = i
+        pts = pts[start:]
+        if len(pts) < 2 or pts[-1][0] - pts[0][0] < 1e-6:
+            return None
+        return max(0.0, (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]))
+
+    def _pipeline(
+        self, now: float, stages: list[StageMetrics], bottleneck: Bottleneck, short: list[str]
+    ) -> PipelineTelemetry:
+        slots = list(self._completions.values())
+        n = sum(s.n for s in slots)
+        n_within = sum(s.n_within_slo for s in slots)
+        e2e: dict[int, int] = {}
+        for s in slots:
+            add_counts(e2e, s.e2e)
+        pct = percentiles(e2e)
+        span = self._effective_window_s(self._started_s, now)
+        completed = n / span if span is not None and span >= SLOT_S else None
+        cost = sum(m.cost_per_h for m in stages)
+        whole = 0.0
+        for m in stages:
+            spec = self.spec.stage(m.stage)
+            billed = m.replicas_ready + m.replicas_starting + m.replicas_draining
+            full = 1.0 if spec.kind == "gpu" else None
+            whole += billed * self.spec.replica_cost_per_h(spec, full)
+        stale = [m.stage for m in stages if m.stale]
+        degraded = bool(stale) or bool(short)
+        return PipelineTelemetry(
+            pipeline=self.spec.name,
+            tick=self._tick,
+            ts_s=now,
+            window_s=self.window_s,
+            stages=stages,
+            arrival_rate_rps=stages[0].arrival_rate_rps,
+            completed_rps=completed,
+            e2e_p50_ms=pct.p50_ms if pct else None,
+            e2e_p99_ms=pct.p99_ms if pct else None,
+            slo_p99_ms=self.spec.slo_p99_ms,
+            slo_attainment=n_within / n if n else None,
+            cost_per_h=cost,
+            whole_gpu_cost_per_h=whole,
+            bottleneck=bottleneck.stage,
+            bottleneck_confidence=bottleneck.confidence,
+            stale_stages=stale,
+            degraded=degraded,
+        )
+
+
+def fold_pending(pending: tuple[list[int], list[int]], into: dict[int, int]) -> None:
+    """Add (indices, counts) pairs into sparse counts with one bincount, then clear them."""
+    keys, values = pending
+    if not keys:
+        return
+    dense = np.bincount(
+        np.asarray(keys, dtype=np.intp),
+        weights=np.asarray(values, dtype=np.float64),
+        minlength=N_BUCKETS,
+    )
+    for idx in np.flatnonzero(dense).tolist():
+        into[idx] = into.get(idx, 0) + int(dense[idx])
+    keys.clear()
+    values.clear()
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
