@@ -47,6 +47,7 @@ M = TypeVar("M", bound=SairModel)
 R = TypeVar("R", bound=SairModel)
 
 MAX_DLQ_PAYLOAD = 65536
+CLOSE_STEP_TIMEOUT_S = 5.0
 DAY_S = 86400.0
 
 
@@ -270,22 +271,29 @@ class ServiceRuntime:
         """Stop background tasks, drain subscriptions (in-flight handlers finish), close."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a task that swallows its cancellation must not hold the shutdown.
+            await asyncio.wait(self._tasks, timeout=CLOSE_STEP_TIMEOUT_S)
         self._tasks.clear()
         # A pull subscription whose fetch was cancelled can hold drain() for its whole
         # timeout; unsubscribing first avoids that stall.
         for psub in self._pull_subs:
             with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+                await asyncio.wait_for(psub.unsubscribe(), CLOSE_STEP_TIMEOUT_S)
         self._pull_subs.clear()
         if hasattr(self, "nc") and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.drain(), timeout=10)
+            # asyncio.wait, not wait_for: wait_for also waits for the cancelled drain to
+            # finish, and nats-py's drain can outlive its cancellation.
+            drain = asyncio.ensure_future(self.nc.drain())
+            done, _ = await asyncio.wait({drain}, timeout=CLOSE_STEP_TIMEOUT_S)
+            if not done:
+                self.log.warning("drain did not finish in %.0f s; closing", CLOSE_STEP_TIMEOUT_S)
+                drain.cancel()
+            elif drain.exception() is not None:
+                self.log.warning("drain failed: %s", drain.exception())
             if not self.nc.is_closed:
                 with contextlib.suppress(Exception):
-                    await self.nc.close()
+                    await asyncio.wait_for(self.nc.close(), CLOSE_STEP_TIMEOUT_S)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -380,6 +388,8 @@ class ServiceRuntime:
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
         self._subs.append(sub)
+        # Registered at the server when we return: a message sent next is not missed.
+        await self.nc.flush()
         return sub
 
     async def serve(
@@ -419,6 +429,8 @@ class ServiceRuntime:
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
         self._subs.append(sub)
+        # Registered at the server when we return: a message sent next is not missed.
+        await self.nc.flush()
         return sub
 
     async def consume(
