@@ -6,8 +6,9 @@ emulated as `n` kernel launches of `kernel_s = 1 / full_speed_launch_rate` each 
 replica at rho = 1 launches exactly at the calibrated full-speed rate). Every launch first
 takes one token from the stage's shared Redis bucket (`schemas/lua/gpu_take.lua`, key
 `schemas.subjects.gpu_bucket_key`), in batches of `take_batch` to keep Redis off the hot
-path, then sleeps the kernel time. The bucket refills at rho x full-speed tokens/s, shared by
-all replicas of the stage, so a low rho throttles the stage for real.
+path, then sleeps the kernel time. The bucket is shared by all replicas of the stage and
+refills at replicas x rho x full-speed tokens/s (set by the actuator, docs/gpu-tokens.md), so
+each replica gets rho of a GPU and a low rho throttles the stage for real.
 
 - Bucket not configured (the script answers -1): launches are unthrottled.
 - Redis unreachable: fail open (unthrottled) with one warning per minute; the stage keeps

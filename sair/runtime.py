@@ -145,12 +145,17 @@ async def ensure_pipeline_streams(js: JetStreamContext, spec: PipelineSpec) -> N
             durable_name=subjects.stage_consumer(stage),
             filter_subject=subjects.pipe_stage(spec.name, stage),
             ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=30.0,
+            ack_wait=10.0,  # workers send in_progress on long requests
             max_ack_pending=10_000,
             max_deliver=-1,
         )
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.add_consumer(stream, cfg)
+        # Create only when absent: add_consumer on an existing durable would reset a tuned
+        # configuration (e.g. a shorter ack_wait) to these defaults.
+        try:
+            await js.consumer_info(stream, subjects.stage_consumer(stage))
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await js.add_consumer(stream, cfg)
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None:
