@@ -149,7 +149,7 @@ REFERENCE_PROFILES: dict[str, PipelineProfile] = {
         "nlp",
         {
             # 200-400-word documents: tokenisation cost varies with length.
-            "tokenise": StageProfile(mean_ms=10.0, cv=0.25),
+            "tokenise": StageProfile(mean_ms=17.0, cv=0.25),
             "encode": StageProfile(mean_ms=5.3, cv=0.05, gpu_ms=5.0, launches=120),
             "aggregate": StageProfile(mean_ms=0.2, cv=0.30),
         },
