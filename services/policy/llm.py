@@ -51,7 +51,9 @@ def client_from_env(timeout_s: float = 10.0) -> openai.OpenAI | None:
     if not s.openai_base_url:
         return None
     return openai.OpenAI(
-        base_url=s.openai_base_url, api_key=s.openai_api_key or "unused", timeout=timeout_s,
+        base_url=s.openai_base_url,
+        api_key=s.openai_api_key or "unused",
+        timeout=timeout_s,
         max_retries=0,
     )
 
@@ -99,9 +101,7 @@ def conclude(
         except prompt.AnswerError as exc:
             reason = str(exc)
         else:
-            pred = planner.predict(
-                spec, prep.estimates, answer.targets, correction=prep.correction
-            )
+            pred = planner.predict(spec, prep.estimates, answer.targets, correction=prep.correction)
             chosen = answer.candidate or "own action"
             return Decision(
                 targets=answer.targets,
@@ -139,8 +139,8 @@ class LLMPolicy(SairPolicy):
         self.llm_config = config
         # No client given: the endpoint from the environment, if any (else every strategic
         # decision falls back to the embedded policy, saying so).
-        self.client = client if client is not None or not from_env else client_from_env(
-            config.timeout_s
+        self.client = (
+            client if client is not None or not from_env else client_from_env(config.timeout_s)
         )
         self.async_client = async_client
 
@@ -168,7 +168,10 @@ class LLMPolicy(SairPolicy):
         )
         if explored:
             d = decision_for(
-                prep, chosen, self.name, source="explore",
+                prep,
+                chosen,
+                self.name,
+                source="explore",
                 why=(f"exploring (epsilon {state.explore.epsilon:.3f}); no llm call",),
             )
             return prep, d, new_state, []
@@ -176,6 +179,26 @@ class LLMPolicy(SairPolicy):
             spec, telemetry, prep, retrieved, self.llm_config.prompt_budget_tokens
         )
         return prep, None, new_state, msgs
+
+    def _answered(
+        self,
+        spec: PipelineSpec,
+        prep: Prepared,
+        chars: int,
+        t0: float,
+        resp: Any,
+        exc: Exception | None,
+    ) -> Decision:
+        """The decision from one call's answer (or failure), with its cost recorded."""
+        cfg = self.llm_config
+        ms = (time.perf_counter() - t0) * 1000.0
+        if exc is not None:
+            call = LLMCall(cfg.model, ms, prompt_chars=chars, error=_describe_exc(exc, cfg))
+            return conclude(spec, prep, None, call, self.name)
+        text, pt, ct = _text_and_usage(resp)
+        return conclude(
+            spec, prep, text, LLMCall(cfg.model, ms, pt, ct, prompt_chars=chars), self.name
+        )
 
     def strategic(
         self,
@@ -199,13 +222,8 @@ class LLMPolicy(SairPolicy):
                 timeout=cfg.timeout_s, max_retries=0
             ).chat.completions.create(**_request(spec, cfg, msgs))
         except Exception as exc:  # any client failure is a fallback, never a crash
-            ms = (time.perf_counter() - t0) * 1000.0
-            call = LLMCall(cfg.model, ms, prompt_chars=chars, error=_describe_exc(exc, cfg))
-            return conclude(spec, prep, None, call, self.name), new_state
-        ms = (time.perf_counter() - t0) * 1000.0
-        text, pt, ct = _text_and_usage(resp)
-        call = LLMCall(cfg.model, ms, pt, ct, prompt_chars=chars)
-        return conclude(spec, prep, text, call, self.name), new_state
+            return self._answered(spec, prep, chars, t0, None, exc), new_state
+        return self._answered(spec, prep, chars, t0, resp, None), new_state
 
     async def strategic_async(
         self,
@@ -230,10 +248,5 @@ class LLMPolicy(SairPolicy):
                 timeout=cfg.timeout_s, max_retries=0
             ).chat.completions.create(**_request(spec, cfg, msgs))
         except Exception as exc:  # any client failure is a fallback, never a crash
-            ms = (time.perf_counter() - t0) * 1000.0
-            call = LLMCall(cfg.model, ms, prompt_chars=chars, error=_describe_exc(exc, cfg))
-            return conclude(spec, prep, None, call, self.name), new_state
-        ms = (time.perf_counter() - t0) * 1000.0
-        text, pt, ct = _text_and_usage(resp)
-        call = LLMCall(cfg.model, ms, pt, ct, prompt_chars=chars)
-        return conclude(spec, prep, text, call, self.name), new_state
+            return self._answered(spec, prep, chars, t0, None, exc), new_state
+        return self._answered(spec, prep, chars, t0, resp, None), new_state
