@@ -54,11 +54,27 @@ setup() {
   ensure_uv
   local py; py=$(find_python)
   log "syncing .venv from uv.lock"
-  UV_PYTHON_DOWNLOADS=never "${UV[@]}" sync --frozen --python "$py" --quiet
+  # --inexact keeps an optional torch (installed below, or by the user) across syncs.
+  UV_PYTHON_DOWNLOADS=never "${UV[@]}" sync --frozen --inexact --python "$py" --quiet
   if [ -f gpu_interceptor/Makefile ]; then
     log "building gpu_interceptor"
     make -s -C gpu_interceptor
   fi
+}
+
+# torch is optional (the GPU stage's real models). Where a CPU wheel lies on disk
+# (SAIR_TORCH_WHEEL, or /opt/wheels), the tests install it so the torch path is exercised;
+# elsewhere those tests skip and everything else runs.
+install_cpu_torch() {
+  .venv/bin/python -c 'import torch' >/dev/null 2>&1 && return 0
+  local wheel=${SAIR_TORCH_WHEEL:-}
+  if [ -z "$wheel" ]; then
+    wheel=$(ls /opt/wheels/torch-*+cpu-cp311-*.whl 2>/dev/null | head -n 1 || true)
+  fi
+  [ -n "$wheel" ] && [ -f "$wheel" ] || { log "no CPU torch wheel on disk: torch model tests skip"; return 0; }
+  log "installing CPU torch for the model tests: $wheel"
+  "${UV[@]}" pip install --quiet --python .venv/bin/python "$wheel" ||
+    log "could not install $wheel: torch model tests skip"
 }
 
 cmd=${1:-}
@@ -73,6 +89,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    install_cpu_torch
     log "ruff"
     .venv/bin/ruff check .
     log "mypy"
