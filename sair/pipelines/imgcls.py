@@ -8,6 +8,7 @@ import numpy as np
 
 from sair import gpu_emulation
 
+from . import torch_models
 from ._common import (
     decode_blocks,
     digest,
@@ -40,10 +41,15 @@ def preprocess(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, An
 
 def classify(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The model: `launches` GPU kernel launches (MobileNetV2 ~ 60), then a linear head."""
+    if torch_models.use_torch():  # a real model (PyTorch on CUDA, or forced)
+        return torch_models.classify(payload, options)
     gpu_emulation.device().launch(opt_int(options, "launches", 60))
     x = np.asarray(payload["pixels"], dtype=np.float32)
     logits = x @ fixed_weights(x.size, N_CLASSES, 1)
     return {"seed": payload["seed"], "logits": [round(float(v), 4) for v in logits]}
+
+
+classify.sair_warmup = torch_models.warmup_hook("imgcls")  # type: ignore[attr-defined]
 
 
 def topk(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

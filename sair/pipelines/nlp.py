@@ -8,6 +8,7 @@ import numpy as np
 
 from sair import gpu_emulation
 
+from . import torch_models
 from ._common import fixed_weights, opt_int, pl_int, softmax, synthetic_text, wordpiece
 
 HIDDEN = 64
@@ -31,12 +32,17 @@ def tokenise(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]
 
 def encode(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The encoder: layers x kernels-per-layer launches (BERT-base: 12 x 10), then pooling."""
+    if torch_models.use_torch():  # a real model (PyTorch on CUDA, or forced)
+        return torch_models.encode(payload, options)
     layers = opt_int(options, "layers", 12)
     gpu_emulation.device().launch(layers * opt_int(options, "kernels_per_layer", 10))
     ids = np.asarray(payload["ids"], dtype=np.int64)
     counts = np.bincount(ids[ids > 0] % 512, minlength=512).astype(np.float32)
     emb = counts @ fixed_weights(512, HIDDEN, 2)
     return {"embedding": [round(float(v), 5) for v in emb]}
+
+
+encode.sair_warmup = torch_models.warmup_hook("nlp")  # type: ignore[attr-defined]
 
 
 def aggregate(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

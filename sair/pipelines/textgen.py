@@ -9,6 +9,7 @@ import numpy as np
 
 from sair import gpu_emulation
 
+from . import torch_models
 from ._common import VOCAB_WORDS, opt_int, pl_int, synthetic_text, wordpiece
 
 EOS = 3  # [SEP] ends generation
@@ -38,6 +39,8 @@ def prepare(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
 
 def decode(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """Prefill (prompt in chunks), then one forward per new token: launches grow with output."""
+    if torch_models.use_torch():  # a real model (PyTorch on CUDA, or forced)
+        return torch_models.decode(payload, options)
     dev = gpu_emulation.device()
     per_forward = opt_int(options, "layers", 6) * opt_int(options, "kernels_per_layer", 4)
     prompt = payload["ids"]
@@ -53,6 +56,9 @@ def decode(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
             break
         out.append(token)
     return {"ids": out}
+
+
+decode.sair_warmup = torch_models.warmup_hook("textgen")  # type: ignore[attr-defined]
 
 
 def detokenise(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from sair import gpu_emulation
 
+from . import torch_models
 from ._common import (
     digest,
     fixed_weights,
@@ -43,11 +44,16 @@ def extract(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
 
 def per_frame(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The per-frame model: `launches_per_frame` launches for every kept frame."""
+    if torch_models.use_torch():  # a real model (PyTorch on CUDA, or forced)
+        return torch_models.per_frame(payload, options)
     n = pl_int(payload, "n")
     gpu_emulation.device().launch(n * opt_int(options, "launches_per_frame", 40))
     x = np.asarray(payload["frames"], dtype=np.float32).reshape(n, -1)
     logits = x @ fixed_weights(x.shape[1], N_ACTIONS, 4)
     return {"logits": [round(float(v), 4) for v in logits.ravel()], "n": n}
+
+
+per_frame.sair_warmup = torch_models.warmup_hook("video")  # type: ignore[attr-defined]
 
 
 def temporal(payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

@@ -169,6 +169,11 @@ class StageWorker:
                 self.settings.redis_url, take_batch=self.cfg.gpu_take_batch,
             )  # fmt: skip
         startup_s = self.stage.startup_s if self.cfg.startup_s is None else self.cfg.startup_s
+        warm = getattr(self.handler, "sair_warmup", None)
+        if callable(warm):  # a real model load (torch backend) is part of start-up
+            t0 = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(self._executor, warm, self.options)
+            startup_s = max(0.0, startup_s - (time.monotonic() - t0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._draining.wait(), timeout=startup_s)
         if not self._draining.is_set():
