@@ -208,7 +208,9 @@ class ServiceRuntime:
             self.log.warning("disconnected from NATS")
 
         async def on_reconnect() -> None:
-            self.log.warning("reconnected to NATS at %s", self.nc.connected_url)
+            url = self.nc.connected_url
+            where = f"{url.hostname}:{url.port}" if url else "?"  # never the credentials
+            self.log.warning("reconnected to NATS at %s", where)
 
         async def on_error(exc: Exception) -> None:
             self.log.warning("NATS error: %s", exc)
@@ -232,7 +234,8 @@ class ServiceRuntime:
                 timeout=connect_timeout_s,
             )
         except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-            raise BusError(f"cannot connect to NATS at {self.settings.nats_url}: {exc}") from exc
+            shown = self.settings.redacted()["nats_url"]
+            raise BusError(f"cannot connect to NATS at {shown}: {exc}") from exc
         self.js = self.nc.jetstream()
         await ensure_core_streams(self.js)
         if self.settings.metrics_port >= 0:

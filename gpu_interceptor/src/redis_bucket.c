@@ -25,8 +25,8 @@ int sair_redis_parse_url(const char *url, struct sair_redis_target *out, char *e
     memset(out, 0, sizeof(*out));
     out->port = 6379;
     if (url == NULL || strncmp(url, scheme, sizeof(scheme) - 1) != 0) {
-        snprintf(err, errlen, "SAIR_REDIS_URL must start with redis://, got '%s'",
-                 url ? url : "(null)");
+        /* Never echo the URL: it may carry a password. */
+        snprintf(err, errlen, "SAIR_REDIS_URL must start with redis://");
         return -1;
     }
     const char *p = url + sizeof(scheme) - 1;
@@ -53,7 +53,7 @@ int sair_redis_parse_url(const char *url, struct sair_redis_target *out, char *e
         char *num_end = NULL;
         long port = strtol(colon + 1, &num_end, 10);
         if (num_end != end || port <= 0 || port > 65535) {
-            snprintf(err, errlen, "bad port in SAIR_REDIS_URL '%s'", url);
+            snprintf(err, errlen, "bad port in SAIR_REDIS_URL");
             return -1;
         }
         out->port = (int)port;
@@ -70,7 +70,7 @@ int sair_redis_parse_url(const char *url, struct sair_redis_target *out, char *e
         long db = strtol(end + 1, &num_end, 10);
         if ((*num_end != '\0' && *num_end != '?' && *num_end != '#') || db < 0 ||
             db > 1000000) {
-            snprintf(err, errlen, "bad database number in SAIR_REDIS_URL '%s'", url);
+            snprintf(err, errlen, "bad database number in SAIR_REDIS_URL");
             return -1;
         }
         out->db = (int)db;

@@ -226,6 +226,13 @@ class Supervisor:
             "SAIR_REDIS_URL": self.settings.redis_url,
             "SAIR_METRICS_PORT": "off",
         }
+        preload = os.environ.get("SAIR_GPU_PRELOAD")
+        if preload and slot.spec.kind == "gpu":
+            # The interceptor throttles a real model's kernel launches to the stage's rho; it
+            # reads its bucket key from SAIR_PIPELINE / SAIR_STAGE.
+            env["LD_PRELOAD"] = " ".join(filter(None, (preload, env.get("LD_PRELOAD"))))
+            env["SAIR_PIPELINE"] = slot.pipeline
+            env["SAIR_STAGE"] = slot.spec.name
         log_file: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
