@@ -58,7 +58,8 @@ async def profile(name: str, duration_s: float, workdir: Path, seed: int) -> dic
     for st in spec.stages:
         if st.kind == "gpu" and st.full_speed_launch_rate and st.start_rho:
             rate = st.start_rho * st.full_speed_launch_rate
-            gpu_emulation.set_rate(redis_srv.url, name, st.name, rate, burst=max(64, rate * 0.05))
+            gpu_emulation.set_rate(redis_srv.url, name, st.name, rate, burst=max(64, rate * 0.05),
+                                   rho=st.start_rho)  # fmt: skip
     sup = Supervisor({name: spec}, settings, supervisor_id="prof", log_dir=workdir / "logs")
     nc = await nats.connect(nats_srv.url)
     reports: list[WorkerReport] = []

@@ -165,9 +165,34 @@ class EmulatedGpu:
             c = self._counters
             return GpuCounters(c.tokens_used, c.token_wait_s, c.launches, c.rate_tokens_per_s)
 
+    def rho(self) -> float | None:
+        """The per-replica share the actuator set (the bucket's `rho` field); None when the
+        bucket has none, is unconfigured or Redis does not answer (never a guess)."""
+        if self._redis is None or self.bucket_key is None:
+            return None
+        return read_rho(self._redis, self.bucket_key)
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()
+
+
+def read_rho(client: Any, bucket_key: str) -> float | None:
+    """The `rho` field of a stage bucket (see gpu_set_rate.lua), or None."""
+    import redis
+
+    try:
+        raw = client.hget(bucket_key, "rho")
+    except redis.exceptions.RedisError as exc:
+        log.debug("rho not read: %s", exc)
+        return None
+    if raw is None:
+        return None
+    try:
+        rho = float(raw)
+    except ValueError:
+        return None
+    return rho if 0 < rho <= 1 else None
 
 
 _device: EmulatedGpu | None = None
@@ -228,13 +253,16 @@ def torch_cuda_available() -> bool:
         return False
 
 
-def set_rate(redis_url: str, pipeline: str, stage: str, rate: float, burst: float) -> int:
+def set_rate(
+    redis_url: str, pipeline: str, stage: str, rate: float, burst: float, rho: float | None = None
+) -> int:
     """Configure a stage bucket with gpu_set_rate.lua (tests and benchmarks; the actuator's job)."""
     import redis
 
     r = redis.Redis.from_url(redis_url)
     try:
         key = subjects.gpu_bucket_key(pipeline, stage)
-        return int(r.eval(_lua("gpu_set_rate.lua"), 1, key, rate, burst))
+        extra = () if rho is None else (rho,)
+        return int(r.eval(_lua("gpu_set_rate.lua"), 1, key, rate, burst, *extra))
     finally:
         r.close()

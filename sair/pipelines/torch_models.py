@@ -181,7 +181,7 @@ def _announce_stage_to_interceptor() -> None:
 
 
 def stage_rho() -> float | None:
-    """rho as the worker reports it: the stage bucket's rate / full-speed launch rate.
+    """rho as the worker reports it: the stage bucket's `rho` field, set by the actuator.
 
     Read from Redis (SAIR_REDIS_URL) and the bucket of the configured emulated device; None
     when either is unknown, the bucket is unconfigured or Redis does not answer.
@@ -195,15 +195,12 @@ def stage_rho() -> float | None:
     try:
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
-            rate = client.hget(dev.bucket_key, "rate")
+            return gpu_emulation.read_rho(client, dev.bucket_key)
         finally:
             client.close()
     except redis.exceptions.RedisError as exc:
         log.debug("rho not read: %s", exc)
         return None
-    if rate is None:
-        return None
-    return float(rate) * dev.kernel_s
 
 
 class _ThrottleWatch:

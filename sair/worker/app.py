@@ -371,10 +371,13 @@ class StageWorker:
         rho: float | None = None
         tokens, wait_s = 0, 0.0
         if self._gpu is not None:
-            snap = self._gpu.snapshot()
+            gpu = self._gpu
+            snap = gpu.snapshot()
             tokens, wait_s = snap.tokens_used, snap.token_wait_s
-            if snap.rate_tokens_per_s is not None and self.stage.full_speed_launch_rate:
-                rho = snap.rate_tokens_per_s / self.stage.full_speed_launch_rate
+            if snap.rate_tokens_per_s is not None:
+                # The bucket's rate is replicas x rho x full speed, so rho is read as set, not
+                # derived from the rate; one HGET a second, off the event loop.
+                rho = await asyncio.get_running_loop().run_in_executor(None, gpu.rho)
         rep = self.window.report(
             self.state, time.time(), len(self._in_flight), rho, tokens, wait_s
         )

@@ -399,7 +399,8 @@ class ActuatorApp:
             stage = spec.stage(action.stage)
             if stage.kind != "gpu":
                 continue
-            rate = gpu_rate_per_s(stage, action.target_replicas, action.rho)
+            rho = action.rho if action.rho is not None else (stage.start_rho or 1.0)
+            rate = gpu_rate_per_s(stage, action.target_replicas, rho)
             if rate is None:
                 notes.append(
                     f"stage {stage.name!r}: no full_speed_launch_rate in the spec, "
@@ -411,7 +412,7 @@ class ActuatorApp:
                 await self._retry(
                     spec.name,
                     "set GPU token rate",
-                    functools.partial(tokens.set_rate, spec.name, stage.name, rate, burst),
+                    functools.partial(tokens.set_rate, spec.name, stage.name, rate, burst, rho),
                     msg,
                 )
             except TokenScriptError as exc:

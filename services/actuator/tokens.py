@@ -91,16 +91,24 @@ class GpuTokens:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def set_rate(self, pipeline: str, stage: str, rate_per_s: float, burst: int) -> int:
-        """Set refill rate and burst; tokens accrued so far are kept (capped at the new burst),
-        a new bucket starts full. Returns the whole tokens in the bucket now."""
+    async def set_rate(
+        self, pipeline: str, stage: str, rate_per_s: float, burst: int, rho: float | None = None
+    ) -> int:
+        """Set refill rate and burst (and the per-replica share `rho` the workers report);
+        tokens accrued so far are kept (capped at the new burst), a new bucket starts full.
+        Returns the whole tokens in the bucket now."""
         if not math.isfinite(rate_per_s) or rate_per_s < 0:
             raise TokenScriptError(f"rate_per_s={rate_per_s!r}: must be a finite number >= 0")
         if not isinstance(burst, int) or burst < 1:
             raise TokenScriptError(f"burst={burst!r}: must be an integer >= 1")
         key = subjects.gpu_bucket_key(pipeline, stage)
         # repr keeps every digit of the float; Lua's tonumber reads it back exactly.
-        result: Any = await self._call(self._set_rate, key, [repr(float(rate_per_s)), burst])
+        args: list[Any] = [repr(float(rate_per_s)), burst]
+        if rho is not None:
+            if not (math.isfinite(rho) and 0 < rho <= 1):
+                raise TokenScriptError(f"rho={rho!r}: must be in (0, 1]")
+            args.append(repr(float(rho)))
+        result: Any = await self._call(self._set_rate, key, args)
         return int(result)
 
     async def take(self, pipeline: str, stage: str, requested: int) -> Grant:

@@ -132,6 +132,7 @@ async def test_action_sets_desired_state_in_kv_and_gpu_token_rate(
         bucket = await redis_client.hgetall(subjects.gpu_bucket_key(spec.name, "infer"))
         assert float(bucket[b"rate"]) == pytest.approx(1500.0)
         assert float(bucket[b"burst"]) == 375
+        assert float(bucket[b"rho"]) == pytest.approx(0.75)  # what each worker reports
         assert app.health[spec.name] == "ok"
     finally:
         await app.close()

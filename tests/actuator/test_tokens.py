@@ -97,6 +97,9 @@ async def test_bad_arguments_are_refused_before_reaching_the_script(tokens: GpuT
         await tokens.set_rate("tok", stage, float("nan"), 5)
     with pytest.raises(TokenScriptError, match="burst"):
         await tokens.set_rate("tok", stage, 1.0, 0)
+    for bad_rho in (0.0, 1.5, float("nan")):
+        with pytest.raises(TokenScriptError, match="rho"):
+            await tokens.set_rate("tok", stage, 1.0, 5, bad_rho)
     fields = await tokens.read("tok", stage)
     assert fields is not None and fields["tokens"] <= 5
 

@@ -271,7 +271,9 @@ def test_unthrottled_torch_path_warns_once_when_rho_is_below_one(
     with caplog.at_level(logging.WARNING, "sair.pipelines.torch"):
         gpu(dict(mid), options)  # bucket not configured yet: rho unknown, no warning
         assert not [r for r in caplog.records if "NOT enforced" in r.getMessage()]
-        gpu_emulation.set_rate(redis_server.url, "torchrho", "infer", rate=1200.0, burst=300)
+        gpu_emulation.set_rate(
+            redis_server.url, "torchrho", "infer", rate=1200.0, burst=300, rho=0.2
+        )
         torch_models.reset_throttle_warning()
         for _ in range(3):
             gpu(dict(mid), options)

@@ -122,7 +122,8 @@ def test_handler_errors_name_the_payload_field() -> None:
 
 
 def test_gpu_tokens_throttle_launches_for_real(redis_server: ManagedServer) -> None:
-    gpu_emulation.set_rate(redis_server.url, "gputest", "infer", rate=2000.0, burst=16)
+    # rate 2000/s = 4 replicas x rho 0.5 x 1000/s: rho is stored as set, not derived from it.
+    gpu_emulation.set_rate(redis_server.url, "gputest", "infer", rate=2000.0, burst=16, rho=0.5)
     dev = gpu_emulation.configure("gputest", "infer", 1e6, redis_server.url, take_batch=16)
     try:
         t0 = time.perf_counter()
@@ -134,12 +135,17 @@ def test_gpu_tokens_throttle_launches_for_real(redis_server: ManagedServer) -> N
         assert snap.tokens_used == 400 and snap.launches == 400
         assert snap.token_wait_s > 0.08
         assert snap.rate_tokens_per_s == pytest.approx(2000.0)
+        assert dev.rho() == pytest.approx(0.5)
         # An unconfigured bucket is unthrottled.
         free = gpu_emulation.configure("gputest", "other", 1e6, redis_server.url)
         t0 = time.perf_counter()
         free.launch(400)
         assert time.perf_counter() - t0 < 0.1
         assert free.snapshot().rate_tokens_per_s is None
+        assert free.rho() is None
+        # A rate set without rho clears it: the share is unknown, never guessed from the rate.
+        gpu_emulation.set_rate(redis_server.url, "gputest", "infer", rate=2000.0, burst=16)
+        assert dev.rho() is None
     finally:
         gpu_emulation.reset()
 
