@@ -76,6 +76,19 @@ def bucket_indices(values_ms: np.ndarray) -> np.ndarray:
     return idx
 
 
+BURST_WINDOW_S = 0.25
+"""The live bucket holds this many seconds of its rate (services/actuator/tokens.py)."""
+
+
+def _bucketed(spec: StageSpec, prof: StageProfile) -> bool:
+    """GPU stages with launches and a calibrated rate follow the live shared token bucket."""
+    return spec.kind == "gpu" and prof.launches > 0 and spec.full_speed_launch_rate is not None
+
+
+def _burst(rate: float) -> float:
+    return float(max(1, int(np.ceil(rate * BURST_WINDOW_S))))
+
+
 @dataclass(frozen=True)
 class QueueState:
     """A stage queue as JetStream would show it."""
@@ -183,6 +196,9 @@ class _Stage:
     rec: list[tuple[np.ndarray, ...]] = field(default_factory=list)
     """Started requests not yet reported: (rid, end, service s, wait s, token wait s)."""
     arrived_total: int = 0
+    tokens: float = 0.0
+    """GPU stages: launch tokens in the stage's shared bucket at `tok_t` (the live model)."""
+    tok_t: float = 0.0
 
     @property
     def active(self) -> int:
@@ -228,9 +244,12 @@ class Engine:
         for i, st in enumerate(spec.stages):
             prof = profile.stage(st.name)
             rho = st.start_rho
-            self.stages.append(_Stage(i, st, prof, rngs[i], rho, prof.scale(rho)))
+            factor = 1.0 if _bucketed(st, prof) else prof.scale(rho)
+            self.stages.append(_Stage(i, st, prof, rngs[i], rho, factor))
         for s in self.stages:
             self._add_replicas(s, s.spec.initial_replicas, startup_s=0.0)
+            if _bucketed(s.spec, s.profile):
+                s.tokens = _burst(self._token_rate(s))
 
     # ------------------------------------------------------------------ control
 
@@ -261,6 +280,9 @@ class Engine:
                 self._remove_replicas(st, -diff)
 
     def _set_rho(self, st: _Stage, rho: float) -> None:
+        if _bucketed(st.spec, st.profile):  # the rate changes, the draws stay at full speed
+            st.rho = rho
+            return
         new = st.profile.scale(rho)
         if st.pos < st.pool.size:
             st.pool = st.pool[st.pos :] * (new / st.factor)
@@ -353,14 +375,17 @@ class Engine:
             while st.head < st.wait_t.size and st.heap:
                 i0 = st.head
                 i1 = min(st.wait_t.size, i0 + CHUNK)
-                if len(st.heap) == 1:
+                svc: np.ndarray | None = None
+                if _bucketed(st.spec, st.profile):
+                    starts, rids, svc = self._serve_bucket(st, i0, i1, t_end)
+                elif len(st.heap) == 1:
                     starts, rids = self._serve_single(st, i0, i1, t_end)
                 else:
                     starts, rids = self._serve_multi(st, i0, i1, t_end)
                 m = starts.size
                 if m == 0:
                     break
-                self._commit(st, i0, starts, rids, last)
+                self._commit(st, i0, starts, rids, last, svc)
                 if st.head < i1:
                     break
             if st.head > COMPACT_AFTER:
@@ -430,17 +455,77 @@ class Engine:
             push_rid(rid)
         return np.asarray(starts), np.asarray(rids, dtype=np.int64)
 
-    def _commit(self, st: _Stage, i0: int, start: np.ndarray, rids: np.ndarray, last: int) -> None:
+    def _token_rate(self, st: _Stage) -> float:
+        """Refill rate of the stage's shared bucket, as the actuator sets it:
+        active replicas x rho x full-speed launch rate (services/actuator/tokens.py)."""
+        assert st.spec.full_speed_launch_rate is not None
+        return max(1, st.active) * (st.rho or 1.0) * st.spec.full_speed_launch_rate
+
+    def _true_mean_service_s(self, st: _Stage) -> float:
+        """Mean service time per server as capacity sees it. A bucketed GPU stage runs at full
+        speed until its token rate binds: per server, min(1/S, rho x full speed / (L x conc))."""
+        if not _bucketed(st.spec, st.profile):
+            return st.profile.mean_s(st.rho)
+        full_s = st.profile.mean_s(1.0)
+        per_server_rate = self._token_rate(st) / max(1, st.active) / st.spec.concurrency
+        return max(full_s, st.profile.launches / per_server_rate)
+
+    def _serve_bucket(
+        self, st: _Stage, i0: int, i1: int, t_end: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A GPU stage as the live one works: a request runs at full speed while the stage's
+        shared token bucket (rate R, burst of BURST_WINDOW_S x R) holds its launches; the
+        launches it lacks wait for the refill, in start order across replicas."""
+        self._draws(st, i1 - i0)
+        if not st.pool_list:
+            st.pool_list = st.pool.tolist()
+        prof = st.profile
+        need = float(prof.launches)
+        host = prof.fixed_ms / prof.mean_ms
+        rate = self._token_rate(st)
+        burst = _burst(rate)
+        heap, pool, p = st.heap, st.pool_list, st.pos
+        starts: list[float] = []
+        rids: list[int] = []
+        svc: list[float] = []
+        for a in st.wait_t[i0:i1].tolist():
+            f, rid = heap[0]
+            start = a if a > f else f
+            if start >= t_end:
+                break
+            s = pool[p]
+            if start >= st.tok_t:
+                st.tokens = min(burst, st.tokens + rate * (start - st.tok_t))
+                st.tok_t = start
+            if st.tokens >= need:
+                st.tokens -= need
+            else:  # the missing launches come at the refill rate, after earlier takers
+                ready = max(st.tok_t, start) + (need - st.tokens) / rate
+                s = max(s, s * host + ready - start)
+                st.tokens, st.tok_t = 0.0, ready
+            heapq.heapreplace(heap, (start + s, rid))
+            p += 1
+            starts.append(start)
+            rids.append(rid)
+            svc.append(s)
+        return np.asarray(starts), np.asarray(rids, dtype=np.int64), np.asarray(svc)
+
+    def _commit(self, st: _Stage, i0: int, start: np.ndarray, rids: np.ndarray, last: int,
+                svc: np.ndarray | None = None) -> None:  # fmt: skip
         """Record the requests just started: reports, next stage's arrivals, completions."""
         m = start.size
         i1 = i0 + m
-        s = st.pool[st.pos : st.pos + m]
+        drawn = st.pool[st.pos : st.pos + m]
+        s = drawn if svc is None else svc
         st.pos += m
         st.head = i1
         end = start + s
         jobs = st.wait_j[i0:i1]
         wait = start - st.wait_t[i0:i1]
-        token_wait = s * (1.0 - 1.0 / st.factor) if st.factor != 1.0 else np.zeros(m)
+        if svc is not None:
+            token_wait = svc - drawn
+        else:
+            token_wait = s * (1.0 - 1.0 / st.factor) if st.factor != 1.0 else np.zeros(m)
         st.rec.append((rids, end, s, wait, token_wait))
         self.stage_ms[st.index, jobs] = s * 1000.0
         if st.index == last:
@@ -579,7 +664,7 @@ class Engine:
                     name=st.spec.name,
                     ready_servers=ready * conc,
                     starting_servers=(len(alive) - ready) * conc,
-                    mean_service_s=st.profile.mean_s(st.rho),
+                    mean_service_s=self._true_mean_service_s(st),
                     service_scv=st.profile.scv,
                     in_system=q[st.spec.name].depth,
                     rho=st.rho,
