@@ -92,7 +92,10 @@ def test_sim_side_runs_and_calibration_moves_the_service_times(sv: ModuleType) -
     assert sim["lost"] == 0 and sim["requests"] > 100
     # stable at 60 % load: throughput follows the offered rate
     assert sim["throughput_rps"] == pytest.approx(sim["offered_rps"], rel=0.1)
-    assert sim["stages"]["infer"]["service_mean_ms"] == pytest.approx(33.8, rel=0.05)
+    # below the token-rate cap the GPU stage runs at full speed, as the live bucket does;
+    # waits for refills only lengthen some requests, never beyond the stretched 1/rho mean
+    full_ms = prof.stage("infer").mean_s(1.0) * 1000.0
+    assert full_ms * 0.95 <= sim["stages"]["infer"]["service_mean_ms"] < 33.8
     # a live run that measured pre at 3x the profile: calibrated sim is slower
     live = {"stages": {"pre": {"service_mean_ms": 60.0, "service_cv": 0.2},
                        "infer": {"service_mean_ms": 20.0, "service_cv": 0.1},
