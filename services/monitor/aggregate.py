@@ -37,7 +37,7 @@ from schemas.messages import (
 from schemas.pipeline import PipelineSpec, StageSpec
 
 from .bottleneck import Bottleneck, StageLoad, detect_bottleneck
-from .histo import add_counts, convolve, percentiles
+from .histo import bucket_indices, convolve_dense, percentiles_dense
 
 SLOT_S = 1.0
 DEFAULT_WINDOW_S = 30.0
@@ -71,19 +71,26 @@ class _Slot:
     token_wait_s: float = 0.0
     rho_x_interval: float = 0.0
     rho_interval_s: float = 0.0
-    service: dict[int, int] = field(default_factory=dict)
+    service: np.ndarray | None = None
+    """Dense counts (int64 per bucket) of what has been folded in; None = nothing yet."""
     service_sum_ms: float = 0.0
-    queue_wait: dict[int, int] = field(default_factory=dict)
+    service_x_rho_ms: float = 0.0
+    """Sum over reports of service sum_ms x the rho they ran at (GPU time at full speed)."""
+    service_without_rho: int = 0
+    """Reports with service samples but no rho (their samples cannot be rho-normalised)."""
+    queue_wait: np.ndarray | None = None
     # Histogram counts not yet folded in: bucket indices and counts, appended by C-level
     # list.extend per report and folded with one numpy bincount at the next snapshot (a
-    # Python loop per bucket per report was the monitor's largest per-message cost).
+    # Python loop per bucket per report was the monitor's largest per-message cost). The
+    # reports themselves are not kept: holding thousands of parsed models alive until the
+    # tick made the garbage collector, and so the parse, twice as slow.
     pending_service: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
     pending_wait: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
 
     def fold(self) -> None:
         """Fold the pending histogram counts into `service` and `queue_wait`."""
-        fold_pending(self.pending_service, self.service)
-        fold_pending(self.pending_wait, self.queue_wait)
+        self.service = fold_pending(self.pending_service, self.service)
+        self.queue_wait = fold_pending(self.pending_wait, self.queue_wait)
 
 
 @dataclass
@@ -103,7 +110,16 @@ class _CompletionSlot:
     n: int = 0
     n_ok: int = 0
     n_within_slo: int = 0
-    e2e: dict[int, int] = field(default_factory=dict)
+    e2e: np.ndarray | None = None
+    """Dense bucket counts of successful completions folded in so far."""
+    pending: list[int] = field(default_factory=list)
+    """Bucket indices of single completions not yet folded into `e2e`."""
+
+    def fold(self) -> None:
+        if self.pending:
+            counts = np.bincount(np.asarray(self.pending, dtype=np.intp), minlength=N_BUCKETS)
+            self.e2e = counts if self.e2e is None else self.e2e + counts
+            self.pending.clear()
 
 
 @dataclass
@@ -171,7 +187,8 @@ class WindowAggregator:
                 f"report for {report.pipeline!r}/{report.stage!r} does not belong to "
                 f"pipeline {self.spec.name!r} (stages {', '.join(self.spec.stage_names)})"
             )
-        self._mark_start(now)
+        if self._started_s is None:
+            self._started_s = now
         key = (report.stage, report.worker_id)
         worker = self._workers.get(key)
         lost = 0
@@ -208,24 +225,34 @@ class WindowAggregator:
         if slot is None:
             slot = st.slots[idx] = _Slot()
         slot.reports += 1
-        slot.lost_reports += lost
+        if lost:
+            slot.lost_reports += lost
         slot.processed += report.processed
         slot.failed += report.failed
+        interval = report.interval_s
         slot.busy_s += report.busy_s
-        slot.interval_s += report.interval_s
+        slot.interval_s += interval
         slot.token_wait_s += report.gpu_token_wait_s
-        if report.rho is not None:
-            slot.rho_x_interval += report.rho * report.interval_s
-            slot.rho_interval_s += report.interval_s
-        counts = report.service_ms.counts
+        rho = report.rho
+        if rho is not None:
+            slot.rho_x_interval += rho * interval
+            slot.rho_interval_s += interval
+        hist = report.service_ms
+        counts = hist.counts
         if counts:
-            slot.pending_service[0].extend(counts.keys())
-            slot.pending_service[1].extend(counts.values())
-            slot.service_sum_ms += report.service_ms.sum_ms
+            keys, values = slot.pending_service
+            keys.extend(counts.keys())
+            values.extend(counts.values())
+            slot.service_sum_ms += hist.sum_ms
+            if rho is not None:
+                slot.service_x_rho_ms += hist.sum_ms * rho
+            else:
+                slot.service_without_rho += 1
         counts = report.queue_wait_ms.counts
         if counts:
-            slot.pending_wait[0].extend(counts.keys())
-            slot.pending_wait[1].extend(counts.values())
+            keys, values = slot.pending_wait
+            keys.extend(counts.keys())
+            values.extend(counts.values())
         return True
 
     def add_completion(self, completion: Completion, now: float) -> None:
@@ -245,8 +272,58 @@ class WindowAggregator:
             slot.n_ok += 1
             if completion.e2e_ms <= self.spec.slo_p99_ms:
                 slot.n_within_slo += 1
-            b = bucket_index(completion.e2e_ms)
-            slot.e2e[b] = slot.e2e.get(b, 0) + 1
+            slot.pending.append(bucket_index(completion.e2e_ms))
+
+    def add_completions(
+        self,
+        e2e_ms: np.ndarray,
+        now_s: np.ndarray | float,
+        ok: np.ndarray | None = None,
+    ) -> None:
+        """`add_completion` for many completions of this pipeline at once (vectorised).
+
+        `e2e_ms[i]` is a completion's end-to-end latency, `now_s[i]` when it was seen (one
+        float: all at once), `ok[i]` whether it succeeded (default: all did). The result is
+        exactly that of calling `add_completion` for each, in order.
+        """
+        e2e = np.asarray(e2e_ms, dtype=np.float64).ravel()
+        n = int(e2e.size)
+        if n == 0:
+            return
+        seen = np.broadcast_to(np.asarray(now_s, dtype=np.float64), e2e.shape)
+        if not np.isfinite(seen).all():
+            raise ValueError(f"now_s={float(seen[~np.isfinite(seen)][0])!r} must be finite")
+        good = (
+            np.ones(n, dtype=bool)
+            if ok is None
+            else np.broadcast_to(np.asarray(ok, dtype=bool), e2e.shape)
+        )
+        bad = ~(np.isfinite(e2e) & (e2e >= 0))
+        if bad.any():
+            raise ValueError(f"e2e_ms={float(e2e[bad][0])!r} must be finite and >= 0")
+        buckets = bucket_indices(e2e[good])
+        self._mark_start(float(seen[0]))
+        self.completions_total += n
+        slots = np.floor_divide(seen, SLOT_S).astype(np.int64)
+        first = int(slots.min())
+        rel = slots - first
+        n_slots = int(rel.max()) + 1
+        per_slot = np.bincount(rel, minlength=n_slots)
+        ok_rel = rel[good]
+        ok_slot = np.bincount(ok_rel, minlength=n_slots)
+        within = np.bincount(ok_rel[e2e[good] <= self.spec.slo_p99_ms], minlength=n_slots)
+        hist = np.bincount(ok_rel * N_BUCKETS + buckets, minlength=n_slots * N_BUCKETS)
+        hist = hist.reshape(n_slots, N_BUCKETS)
+        for r in np.flatnonzero(per_slot).tolist():
+            idx = first + r
+            slot = self._completions.get(idx)
+            if slot is None:
+                slot = self._completions[idx] = _CompletionSlot()
+            slot.n += int(per_slot[r])
+            slot.n_ok += int(ok_slot[r])
+            slot.n_within_slo += int(within[r])
+            if ok_slot[r]:
+                slot.e2e = hist[r].copy() if slot.e2e is None else slot.e2e + hist[r]
 
     def add_replica_status(self, status: ReplicaStatus, now: float) -> None:
         if status.pipeline != self.spec.name:
@@ -361,32 +438,43 @@ class WindowAggregator:
                 missing.append("replicas_ready")
         short_of_replicas = reporting < expected
 
-        # --- sums over the window's slots.
-        slots = list(st.slots.values())
-        n_reports = sum(s.reports for s in slots)
-        lost = sum(s.lost_reports for s in slots)
-        processed = sum(s.processed for s in slots)
-        busy_s = sum(s.busy_s for s in slots)
-        interval_s = sum(s.interval_s for s in slots)
-        token_wait_s = sum(s.token_wait_s for s in slots)
-        rho_int = sum(s.rho_interval_s for s in slots)
-        service: dict[int, int] = {}
-        queue_wait: dict[int, int] = {}
-        service_sum_ms = 0.0
-        for s in slots:
+        # --- sums over the window's slots (one pass).
+        n_reports = lost = processed = without_rho = 0
+        busy_s = interval_s = token_wait_s = rho_int = rho_x_int = 0.0
+        service_sum_ms = service_x_rho_ms = 0.0
+        service_parts: list[np.ndarray] = []
+        wait_parts: list[np.ndarray] = []
+        for s in st.slots.values():
             s.fold()
-            add_counts(service, s.service)
-            add_counts(queue_wait, s.queue_wait)
+            n_reports += s.reports
+            lost += s.lost_reports
+            processed += s.processed
+            busy_s += s.busy_s
+            interval_s += s.interval_s
+            token_wait_s += s.token_wait_s
+            rho_int += s.rho_interval_s
+            rho_x_int += s.rho_x_interval
             service_sum_ms += s.service_sum_ms
+            service_x_rho_ms += s.service_x_rho_ms
+            without_rho += s.service_without_rho
+            if s.service is not None:
+                service_parts.append(s.service)
+            if s.queue_wait is not None:
+                wait_parts.append(s.queue_wait)
+        service = _total(service_parts)
+        queue_wait = _total(wait_parts)
 
         # --- rho: what the replicas say they run at, else the spec's start value.
         rho: float | None = None
+        rho_now: float | None = None
         if spec.kind == "gpu":
             if rho_int > 0:
-                rho = sum(s.rho_x_interval for s in slots) / rho_int
+                rho = rho_x_int / rho_int
             else:
                 rho = spec.start_rho
                 estimated.append("rho")
+            latest = [w.rho for w in alive if w.rho is not None]
+            rho_now = sum(latest) / len(latest) if latest else None
 
         throughput: float | None = None
         utilisation: float | None = None
@@ -419,14 +507,20 @@ class WindowAggregator:
                 estimated += ["throughput_rps", "utilisation"] if utilisation is not None else [
                     "throughput_rps"
                 ]
-            service_pct = percentiles(service)
-            n_service = sum(service.values())
+            service_pct = percentiles_dense(service)
             if service_pct is None:
                 missing.append("service_ms")
             else:
+                n_service = int(service.sum())
                 service_mean_s = service_sum_ms / n_service / 1000.0
-            if service_pct is not None and queue_wait:
-                sojourn_pct = percentiles(convolve(queue_wait, service))
+                if rho_now is not None and rho_now > 0 and without_rho == 0:
+                    # The detector wants the service time at the rho the stage has now. A GPU
+                    # request's time scales as 1 / rho, so the window's samples are brought
+                    # to full speed (x the rho each ran at) and then to the current rho. A rho
+                    # change shows within one report instead of one window.
+                    service_mean_s = service_x_rho_ms / n_service / rho_now / 1000.0
+            if service_pct is not None and queue_wait.any():
+                sojourn_pct = percentiles_dense(convolve_dense(queue_wait, service))
             if sojourn_pct is None:
                 missing.append("sojourn_ms")
             else:
@@ -488,6 +582,7 @@ class WindowAggregator:
             queue_depth=depth,
             queue_growth_per_s=growth,
             utilisation=utilisation,
+            servers_per_replica=spec.concurrency,
         )
         return metrics, load, short_of_replicas
 
@@ -523,10 +618,12 @@ class WindowAggregator:
         slots = list(self._completions.values())
         n = sum(s.n for s in slots)
         n_within = sum(s.n_within_slo for s in slots)
-        e2e: dict[int, int] = {}
+        parts: list[np.ndarray] = []
         for s in slots:
-            add_counts(e2e, s.e2e)
-        pct = percentiles(e2e)
+            s.fold()
+            if s.e2e is not None:
+                parts.append(s.e2e)
+        pct = percentiles_dense(_total(parts))
         span = self._effective_window_s(self._started_s, now)
         completed = n / span if span is not None and span >= SLOT_S else None
         cost = sum(m.cost_per_h for m in stages)
@@ -559,20 +656,34 @@ class WindowAggregator:
         )
 
 
-def fold_pending(pending: tuple[list[int], list[int]], into: dict[int, int]) -> None:
-    """Add (indices, counts) pairs into sparse counts with one bincount, then clear them."""
+def fold_pending(
+    pending: tuple[list[int], list[int]], into: np.ndarray | None
+) -> np.ndarray | None:
+    """Add (indices, counts) pairs into dense counts with one bincount, then clear them."""
     keys, values = pending
     if not keys:
-        return
-    dense = np.bincount(
-        np.asarray(keys, dtype=np.intp),
-        weights=np.asarray(values, dtype=np.float64),
-        minlength=N_BUCKETS,
-    )
-    for idx in np.flatnonzero(dense).tolist():
-        into[idx] = into.get(idx, 0) + int(dense[idx])
+        return into
+    weights = np.asarray(values, dtype=np.float64)
+    if weights.sum() >= 2**53:  # beyond float64's exact integers: exact, slower
+        counts = np.zeros(N_BUCKETS, dtype=np.int64)
+        np.add.at(counts, np.asarray(keys, dtype=np.intp), np.asarray(values, dtype=np.int64))
+    else:
+        counts = np.bincount(
+            np.asarray(keys, dtype=np.intp), weights=weights, minlength=N_BUCKETS
+        ).astype(np.int64)
     keys.clear()
     values.clear()
+    return counts if into is None else into + counts
+
+
+def _total(parts: list[np.ndarray]) -> np.ndarray:
+    """Sum of dense counts (zeros when there are none)."""
+    if not parts:
+        return np.zeros(N_BUCKETS, dtype=np.int64)
+    if len(parts) == 1:
+        return parts[0]
+    out: np.ndarray = np.add.reduce(parts)
+    return out
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -77,10 +77,10 @@ class MonitorApp:
     async def wire(self) -> None:
         p = self.spec.name
         await self.rt.nc.subscribe(
-            subjects.reports_all(p), cb=self._typed(WorkerReport, self._on_report)
+            subjects.reports_all(p), cb=self._typed(WorkerReport, self.aggregator.add_report)
         )
         await self.rt.nc.subscribe(
-            subjects.pipe_done(p), cb=self._typed(Completion, self._on_completion)
+            subjects.pipe_done(p), cb=self._typed(Completion, self.aggregator.add_completion)
         )
         await self.rt.subscribe(
             subjects.replicas(p), ReplicaStatus, self._on_replicas, context=self._context
@@ -89,7 +89,7 @@ class MonitorApp:
         self.rt.spawn(self._tick_loop(), name=f"monitor-tick-{p}")
 
     def _typed(
-        self, model: type[M], handle: Callable[[M, float], None]
+        self, model: type[M], handle: Callable[[M, float], object]
     ) -> Callable[[Msg], Awaitable[None]]:
         """A lean callback for high-rate subjects: parse, fold in, dead-letter what is bad.
 
@@ -98,6 +98,10 @@ class MonitorApp:
         """
 
         received = self._received
+        # The model's own validator, called directly: `model_validate_json` is a Python
+        # wrapper around exactly this call (same checks, same errors), ~3% of a report's cost.
+        validate = model.__pydantic_validator__.validate_json
+        clock = time.time
 
         async def on_msg(msg: Msg) -> None:
             subject = msg.subject
@@ -105,8 +109,8 @@ class MonitorApp:
             try:
                 # No spec context here: the aggregator rejects foreign pipelines and stages
                 # itself (ValueError below), and the context validators cost ~15% per message.
-                parsed = model.model_validate_json(msg.data)
-                handle(parsed, time.time())
+                parsed = validate(msg.data)
+                handle(parsed, clock())
             except ValidationError as exc:
                 await self.rt.dead_letter(
                     msg.subject, msg.data, f"{model.__name__}: {describe_error(exc)}"
@@ -118,12 +122,6 @@ class MonitorApp:
                 await asyncio.sleep(0)
 
         return on_msg
-
-    def _on_report(self, report: WorkerReport, now: float) -> None:
-        self.aggregator.add_report(report, now)
-
-    def _on_completion(self, completion: Completion, now: float) -> None:
-        self.aggregator.add_completion(completion, now)
 
     async def _on_replicas(self, status: ReplicaStatus) -> None:
         self.aggregator.add_replica_status(status, time.time())

@@ -49,6 +49,8 @@ class StageLoad:
     queue_growth_per_s: float | None = None
     utilisation: float | None = None
     """Quota-normalised utilisation (for the naive rule only)."""
+    servers_per_replica: int = 1
+    """Concurrency: the servers one more replica adds."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,8 @@ class _Model:
     mu: float
     servers: int
     queue0: float
+    step: int
+    """Servers added by one more replica."""
 
 
 def _saturated(s: StageLoad) -> bool:
@@ -145,7 +149,7 @@ def _pipeline_latency_s(
     flow = demand
     total = 0.0
     for i, m in enumerate(models):
-        servers = m.servers + (1 if i == extra else 0)
+        servers = m.servers + (m.step if i == extra else 0)
         latency, flow = _stage_latency_s(flow, m.mu, servers, m.queue0, horizon_s)
         total += latency
     return total
@@ -170,7 +174,8 @@ def detect_bottleneck(
             unknown += 1
             # Unknown speed: neutral (fast) stage, so it neither wins nor distorts the flow.
             mu = 1e9
-        models.append(_Model(s.name, mu, servers, max(0.0, s.queue_depth or 0.0)))
+        queue0 = max(0.0, s.queue_depth or 0.0)
+        models.append(_Model(s.name, mu, servers, queue0, max(1, s.servers_per_replica)))
     demand = _demand(stages)
     if demand is None:
         return Bottleneck(None, 0.0)

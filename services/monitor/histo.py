@@ -1,7 +1,8 @@
-"""Sparse histogram helpers on the fixed layout of `schemas.histogram` (plain dicts, no I/O).
+"""Histogram helpers on the fixed layout of `schemas.histogram` (no I/O).
 
-The monitor merges many replicas' histograms every tick, so it works on bare
-`dict[int, int]` counts rather than `LatencyHistogram` models.
+The monitor merges many replicas' histograms every tick. It keeps window counts as dense
+numpy arrays of `N_BUCKETS` int64 (`*_dense` functions) and offers the same operations on
+sparse `dict[int, int]` counts for callers that have those.
 """
 
 from __future__ import annotations
@@ -9,10 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from schemas.histogram import bucket_bounds_ms, bucket_index, quantile_from_counts
+import numpy as np
+
+from schemas.histogram import (
+    BUCKET_UPPER_BOUNDS_MS,
+    N_BUCKETS,
+    OVERFLOW_BUCKET,
+    bucket_bounds_ms,
+    bucket_index,
+    quantile_from_counts,
+)
 from schemas.messages import Percentiles
 
+_BOUNDS = np.asarray(BUCKET_UPPER_BOUNDS_MS, dtype=np.float64)
+_EXACT_FLOAT = 2**53
+"""Integer sums below this are exact in float64 (numpy's bincount weights are float64)."""
+_LOW, _HIGH = (list(b) for b in zip(*(bucket_bounds_ms(i) for i in range(N_BUCKETS)), strict=True))
 _REP_MS: dict[int, float] = {}
+_SUM_INDEX: np.ndarray | None = None
 
 
 def bucket_rep_ms(index: int) -> float:
@@ -23,6 +38,54 @@ def bucket_rep_ms(index: int) -> float:
         rep = high / 2 if low <= 0 else math.sqrt(low * high)
         _REP_MS[index] = rep
     return rep
+
+
+def bucket_indices(values_ms: np.ndarray) -> np.ndarray:
+    """`bucket_index` of every value (int64), vectorised; values must be finite and >= 0.
+
+    `bucket_index(v)` is the first bucket whose upper bound is >= v (its log10 estimate is
+    only a starting point that it corrects upwards), which is a binary search over the bounds.
+    The one difference is above the last finite bound, where `bucket_index` decides from the
+    logarithm alone: those rare values are looked up one by one.
+    """
+    v = np.asarray(values_ms, dtype=np.float64)
+    if v.size and not (np.isfinite(v).all() and (v >= 0).all()):
+        bad = v[~(np.isfinite(v) & (v >= 0))][0]
+        raise ValueError(f"latency value_ms={float(bad)!r} must be finite and >= 0")
+    idx = np.searchsorted(_BOUNDS, v, side="left").astype(np.int64)
+    over = np.flatnonzero(idx == OVERFLOW_BUCKET)
+    for k in over.tolist():
+        idx[k] = bucket_index(float(v[k]))
+    return idx
+
+
+def sum_index_table() -> np.ndarray:
+    """`bucket_index(rep(i) + rep(j))` for every pair of buckets (N_BUCKETS x N_BUCKETS)."""
+    global _SUM_INDEX
+    if _SUM_INDEX is None:
+        reps = [bucket_rep_ms(i) for i in range(N_BUCKETS)]
+        table = np.empty((N_BUCKETS, N_BUCKETS), dtype=np.intp)
+        for i, ra in enumerate(reps):
+            # Float addition commutes, so the table is symmetric: fill one triangle.
+            row = [bucket_index(ra + rb) for rb in reps[i:]]
+            table[i, i:] = row
+            table[i:, i] = row
+        _SUM_INDEX = table
+    return _SUM_INDEX
+
+
+def dense(counts: Mapping[int, int]) -> np.ndarray:
+    """Sparse counts as a dense int64 array over the layout."""
+    out = np.zeros(N_BUCKETS, dtype=np.int64)
+    if counts:
+        out[list(counts.keys())] = list(counts.values())
+    return out
+
+
+def sparse(counts: np.ndarray) -> dict[int, int]:
+    """Dense counts as a sparse dict (non-zero buckets only)."""
+    nz = np.flatnonzero(counts)
+    return dict(zip(nz.tolist(), counts[nz].tolist(), strict=True))
 
 
 def add_counts(into: dict[int, int], counts: Mapping[int, int]) -> None:
@@ -38,18 +101,93 @@ def percentiles(counts: Mapping[int, int]) -> Percentiles | None:
     p99 = quantile_from_counts(counts, 0.99)
     if p50 is None or p95 is None or p99 is None:
         return None
+    return _ordered(p50, p95, p99)
+
+
+def _ordered(p50: float, p95: float, p99: float) -> Percentiles:
     # Quantiles of one distribution are ordered; max() only guards float rounding.
     p95 = max(p95, p50)
     p99 = max(p99, p95)
     return Percentiles(p50_ms=p50, p95_ms=p95, p99_ms=p99)
 
 
+def quantile_dense(counts: np.ndarray, cum: np.ndarray, q: float) -> float | None:
+    """`quantile_from_counts` on dense counts with their cumulative sum (same arithmetic)."""
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"quantile q={q!r} must be in (0, 1]")
+    total = int(cum[-1])
+    if total <= 0:
+        return None
+    rank = q * total
+    # The first bucket whose cumulative count reaches the rank; it is never an empty one.
+    return _quantile_at(counts, cum, rank, int(np.searchsorted(cum, rank, side="left")))
+
+
+def _quantile_at(counts: np.ndarray, cum: np.ndarray, rank: float, idx: int) -> float:
+    if idx >= N_BUCKETS:
+        return _HIGH[int(np.flatnonzero(counts)[-1])]
+    n = int(counts[idx])
+    seen = int(cum[idx]) - n
+    frac = (rank - seen) / n
+    if idx == 0:
+        return _HIGH[0] * frac
+    low = _LOW[idx]
+    return float(low * (_HIGH[idx] / low) ** frac)
+
+
+def percentiles_dense(counts: np.ndarray) -> Percentiles | None:
+    """`percentiles` of dense counts (identical results)."""
+    cum = np.cumsum(counts)
+    total = int(cum[-1])
+    if total <= 0:
+        return None
+    ranks = [0.50 * total, 0.95 * total, 0.99 * total]
+    where = np.searchsorted(cum, ranks, side="left").tolist()
+    p50, p95, p99 = (
+        _quantile_at(counts, cum, rank, idx) for rank, idx in zip(ranks, where, strict=True)
+    )
+    return _ordered(p50, p95, p99)
+
+
+def convolve_dense(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dense counts of X + Y for independent X ~ a and Y ~ b (see `convolve`).
+
+    The result must fit int64 (it does for any window of real traffic)."""
+    ia = np.flatnonzero(a > 0)
+    jb = np.flatnonzero(b > 0)
+    out = np.zeros(N_BUCKETS, dtype=np.int64)
+    if not ia.size or not jb.size:
+        return out
+    na, nb = a[ia], b[jb]
+    total = int(na.sum()) * int(nb.sum())
+    if total >= _EXACT_FLOAT:
+        # Counts this large do not fit float64 (or int64) exactly: Python integers.
+        return dense(_convolve_py(sparse(a), sparse(b)))
+    prod = np.multiply.outer(na, nb)
+    idx = sum_index_table()[np.ix_(ia, jb)]
+    sums = np.bincount(idx.ravel(), weights=prod.ravel(), minlength=N_BUCKETS)
+    out[:] = sums
+    return out
+
+
 def convolve(a: Mapping[int, int], b: Mapping[int, int]) -> dict[int, int]:
     """Counts of X + Y for independent X ~ a and Y ~ b (each bucket at its representative).
 
     Used for sojourn = queue wait + service: replicas report the two separately, and the sum
-    of two histograms is their convolution, not their merge.
+    of two histograms is their convolution, not their merge. One table lookup per pair of
+    buckets (`sum_index_table`) and one bincount, instead of a log10 per pair.
     """
+    if not a or not b:
+        return {}
+    total_a = sum(n for n in a.values() if n > 0)
+    total_b = sum(n for n in b.values() if n > 0)
+    if total_a * total_b >= _EXACT_FLOAT:
+        return _convolve_py(a, b)
+    return sparse(convolve_dense(dense(a), dense(b)))
+
+
+def _convolve_py(a: Mapping[int, int], b: Mapping[int, int]) -> dict[int, int]:
+    """The reference implementation, pair by pair with Python integers."""
     out: dict[int, int] = {}
     items_b = [(bucket_rep_ms(j), nb) for j, nb in b.items() if nb > 0]
     for i, na in a.items():

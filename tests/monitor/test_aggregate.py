@@ -290,3 +290,31 @@ def test_histogram_helpers() -> None:
     pct = percentiles(conv)
     assert pct is not None and pct.p50_ms == pytest.approx(10.0, rel=0.07)
     assert sum(conv.values()) == 2500
+
+
+def test_rho_cut_moves_the_bottleneck_at_the_next_report() -> None:
+    """pre is the bottleneck; then infer's quota drops 10x. The window's infer samples are
+    still fast ones, but the detector scales them to the rho the replicas report now."""
+    agg = WindowAggregator(SPEC, window_s=10)
+    for k in range(10):
+        agg.add_report(report("pre", "pre-a", k, k, processed=8, busy_s=0.48,
+                              service=[60.0] * 8), k + 0.1)  # fmt: skip
+        agg.add_report(report("infer", "inf-a", k, k, processed=8, busy_s=0.08,
+                              service=[10.0] * 8, rho=1.0), k + 0.2)  # fmt: skip
+        agg.add_report(report("post", "post-a", k, k, processed=8, busy_s=0.01,
+                              service=[1.0] * 8), k + 0.3)  # fmt: skip
+    def queues(t: float) -> dict[str, QueueObservation | None]:
+        return {s: QueueObservation(1, int(8 * t)) for s in ("pre", "infer", "post")}
+
+    for t in (8.0, 9.0):
+        agg.snapshot(t, queues(t))
+    before = agg.snapshot(10.0, queues(10.0))
+    assert before.bottleneck == "pre"
+    # One more second: infer now runs at rho 0.1, 100 ms a request (0.8 of its capacity at
+    # 8 rps); only one slow request has completed yet.
+    agg.add_report(report("infer", "inf-a", 10, 10.0, processed=1, busy_s=1.0,
+                          service=[100.0], rho=0.1, token_wait_s=0.9), 10.2)  # fmt: skip
+    after = agg.snapshot(11.0, queues(11.0))
+    assert after.bottleneck == "infer"
+    rho = after.stage("infer").rho  # the window's mean, still mostly the old value
+    assert rho is not None and 0.1 < rho < 1.0
