@@ -373,8 +373,18 @@ class ServiceRuntime:
     ) -> Subscription:
         """Core NATS subscription; each message is parsed, then handled one at a time."""
 
+        # Labelled metric children are looked up once per subject: a hot subscription (worker
+        # reports into the monitor) pays a dict lookup per message, not prometheus' label lock.
+        received: dict[str, Any] = {}
+        handler_seconds = self.metrics.handler_seconds.labels(self.service)
+
         async def on_msg(msg: Msg) -> None:
-            self.metrics.received.labels(self.service, msg.subject).inc()
+            counter = received.get(msg.subject)
+            if counter is None:
+                counter = received[msg.subject] = self.metrics.received.labels(
+                    self.service, msg.subject
+                )
+            counter.inc()
             try:
                 parsed = model.model_validate_json(msg.data, context=context)
             except ValidationError as exc:
@@ -390,9 +400,7 @@ class ServiceRuntime:
                 self.log.exception("handler for %s failed", msg.subject)
                 await self.dead_letter(msg.subject, msg.data, f"handler error: {exc!r}")
             finally:
-                self.metrics.handler_seconds.labels(self.service).observe(
-                    time.perf_counter() - started
-                )
+                handler_seconds.observe(time.perf_counter() - started)
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
         self._subs.append(sub)
