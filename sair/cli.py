@@ -9,17 +9,19 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .stack import EmbeddedStack, StackUrls
+from .watch import watch_app
 
 app = typer.Typer(
     help="SAIR: autoscaling for multi-stage ML inference pipelines.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(watch_app, name="watch")
 
 
 async def check_health(urls: StackUrls, timeout_s: float = 10.0) -> dict[str, str]:
@@ -66,9 +68,49 @@ def _qdrant_health(urls: StackUrls) -> str:
 
 @app.command()
 def up(
-    workdir: Annotated[Path, typer.Option(help="Where servers keep their data and logs.")] = Path(
-        ".sair"
-    ),
+    pipeline: Annotated[
+        str, typer.Option(help="Built-in pipeline (imgcls, nlp, textgen, video) or spec .toml.")
+    ] = "imgcls",
+    workload: Annotated[
+        str, typer.Option(help="Arrival process: poisson, ramp, burst or trace.")
+    ] = "burst",
+    policy: Annotated[
+        str, typer.Option(help="sair, llm, or a baseline: static, hpa, vpa, threshold, keda, "
+                               "kpa, ray.")
+    ] = "sair",
+    duration: Annotated[
+        float | None,
+        typer.Option(help="Seconds of load, then stop and summarise (default: until Ctrl-C)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the arrivals and of exploration.")] = 0,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="Workload parameter NAME=VALUE, e.g. burst_rps=40 (repeat)."),
+    ] = None,
+    trace: Annotated[
+        Path | None, typer.Option(help="CSV for --workload trace (ts_s or rate_rps column).")
+    ] = None,
+    workdir: Annotated[
+        Path, typer.Option(help="Where servers keep their data, logs, summary and plot.")
+    ] = Path(".sair"),
+    infra_only: Annotated[
+        bool,
+        typer.Option("--infra-only", help="Only the servers (NATS, Redis, Qdrant), no loop."),
+    ] = False,
+    no_view: Annotated[
+        bool, typer.Option("--no-view", help="No live view: one line per telemetry tick.")
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON line: the summary (with --infra-only: "
+                                    "the URLs, health and pids)."),
+    ] = False,
+    advisory: Annotated[
+        bool, typer.Option("--advisory", help="Publish actions without applying them.")
+    ] = False,
+    retriever_engine: Annotated[
+        str, typer.Option(help="Episode store: auto, numpy, qdrant-local or qdrant-server.")
+    ] = "auto",
     nats_url: Annotated[
         str | None,
         typer.Option(envvar="SAIR_NATS_URL", help="Use this NATS instead of starting one."),
@@ -85,12 +127,130 @@ def up(
     ] = None,
     nats_port: Annotated[int | None, typer.Option(help="Port for the embedded NATS.")] = None,
     redis_port: Annotated[int | None, typer.Option(help="Port for the embedded Redis.")] = None,
-    duration: Annotated[
-        float | None, typer.Option(help="Stop by itself after this many seconds.")
-    ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print URLs as one JSON line.")
-    ] = False,
+) -> None:
+    """Run the whole closed loop: the embedded stack, the four services, the supervisor with
+    the pipeline's workers and the load generator, with a live view. Ctrl-C stops everything;
+    with --duration it ends by itself, prints a summary and writes WORKDIR/summary.json and
+    WORKDIR/timeline.png."""
+    if infra_only:
+        _up_infra(workdir, nats_url, redis_url, qdrant_url, nats_port, redis_port, duration,
+                  json_output)  # fmt: skip
+        return
+    from .closedloop import ClosedLoop, ClosedLoopConfig, ClosedLoopError
+
+    try:
+        params = _parse_params(param or [])
+        config = ClosedLoopConfig(
+            pipeline=pipeline, workload=workload, params=params, trace=trace, policy=policy,
+            duration_s=duration, seed=seed, workdir=workdir, nats_url=nats_url,
+            redis_url=redis_url, qdrant_url=qdrant_url, nats_port=nats_port,
+            redis_port=redis_port, advisory=advisory, retriever_engine=retriever_engine,
+        )  # fmt: skip
+        loop = ClosedLoop(config)
+    except (ClosedLoopError, ValueError) as exc:
+        typer.echo(f"sair up: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    # Without a terminal (or asked not to): one line per telemetry tick instead of the view.
+    mode = "lines" if json_output or no_view or not sys.stdout.isatty() else "rich"
+    summary = asyncio.run(_run_loop(loop, mode, quiet=json_output))
+    if json_output:
+        print(json.dumps(summary), flush=True)
+    else:
+        from .liveview import format_summary
+
+        typer.echo(format_summary(summary))
+    if summary.get("error"):
+        raise typer.Exit(1)
+
+
+def _parse_params(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"param={item!r}: expected NAME=VALUE")
+        try:
+            out[name.strip()] = float(raw)
+        except ValueError as exc:
+            raise ValueError(f"param {name}={raw!r}: not a number") from exc
+    return out
+
+
+async def _run_loop(loop: Any, mode: str, quiet: bool) -> dict[str, Any]:
+    """Start, run the load, stop on the first SIGINT/SIGTERM (a second one kills at once)."""
+    import logging
+
+    from .liveview import Reporter
+
+    workdir: Path = loop.workdir
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "logs" / "up.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("sair")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    cfg = loop.config
+    title = f"SAIR · {loop.spec.name} · {cfg.workload} load · policy {cfg.policy}"
+    reporter = Reporter(loop.record, mode, title, cfg.duration_s,
+                        stream=sys.stderr if quiet else None)  # fmt: skip
+    loop.on_telemetry = lambda _t: reporter.on_telemetry(time.time())
+    stop = asyncio.Event()
+    aio = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:  # impatient: no graceful drain
+            for comp in list(loop.components.values()):
+                comp.signal(signal.SIGKILL, group=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        aio.add_signal_handler(sig, on_signal)
+
+    async def refresh() -> None:
+        while True:
+            reporter.refresh(time.time())
+            await asyncio.sleep(0.5)
+
+    if not quiet and mode != "rich":
+        typer.echo(f"{title}: starting (logs in {workdir / 'logs'})")
+    reporter.start(time.time())
+    refresher = asyncio.create_task(refresh())
+    error: str | None = None
+    try:
+        await loop.start(stop)
+        if stop.is_set():
+            loop.interrupted = True
+        else:
+            await loop.run_load(stop)
+    except Exception as exc:
+        error = str(exc)
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        reporter.close(time.time())
+        typer.echo("stopping..." if error is None else f"error: {error}; stopping...",
+                   err=quiet)
+        summary: dict[str, Any] = await loop.finish()
+        if error is not None:
+            summary["error"] = error
+        root.removeHandler(handler)
+        handler.close()
+    return summary
+
+
+def _up_infra(
+    workdir: Path,
+    nats_url: str | None,
+    redis_url: str | None,
+    qdrant_url: str | None,
+    nats_port: int | None,
+    redis_port: int | None,
+    duration: float | None,
+    json_output: bool,
 ) -> None:
     """Start the embedded stack (NATS + JetStream, Redis/Valkey, Qdrant), check it, and run
     until Ctrl-C (or --duration); then stop everything it started."""
@@ -130,6 +290,18 @@ def up(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     typer.echo("SAIR embedded stack stopped.", err=json_output)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Run every policy x pipeline x workload x seed in the simulator and write results.json,
+    a Markdown table and plots (`sair bench --quick --out DIR`; `sair bench --help`)."""
+    from .sim.grid import main as grid_main
+
+    raise typer.Exit(grid_main(list(ctx.args)))
 
 
 @app.command()

@@ -300,8 +300,13 @@ class ServiceRuntime:
             elif drain.exception() is not None:
                 self.log.warning("drain failed: %s", drain.exception())
             if not self.nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.nc.close(), CLOSE_STEP_TIMEOUT_S)
+                closing = asyncio.ensure_future(self.nc.close())
+                done, _ = await asyncio.wait({closing}, timeout=CLOSE_STEP_TIMEOUT_S)
+                if not done:  # same reason as drain: never wait on a cancelled close
+                    self.log.warning("close did not finish in %.0f s", CLOSE_STEP_TIMEOUT_S)
+                    closing.cancel()
+                elif closing.exception() is not None:
+                    self.log.warning("close failed: %s", closing.exception())
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

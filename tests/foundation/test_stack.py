@@ -39,7 +39,7 @@ def _wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
 
 def _start_up(workdir: Path) -> tuple[subprocess.Popen[str], dict[str, object]]:
     proc = subprocess.Popen(
-        [*SAIR, "up", "--workdir", str(workdir), "--json"],
+        [*SAIR, "up", "--infra-only", "--workdir", str(workdir), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -88,7 +88,7 @@ def test_given_urls_are_used_instead_of_starting_servers(tmp_path: Path) -> None
     redis.start()
     try:
         out = subprocess.run(
-            [*SAIR, "up", "--workdir", str(tmp_path / "s"), "--json", "--duration", "0.5",
+            [*SAIR, "up", "--infra-only", "--workdir", str(tmp_path / "s"), "--json", "--duration", "0.5",
              "--redis-url", redis.url],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
