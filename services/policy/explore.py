@@ -6,8 +6,10 @@ decision k of seed s comes from `random.Random(f"{s}:{k}")`: reproducible, indep
 how often the policy was called otherwise, and free of hidden global state.
 
 An exploratory action is a uniformly chosen *other* candidate (already clamped by the
-validator, so within bounds and step). We never explore while the SLO is breaking or the
-telemetry is degraded: exploration is for learning, not for gambling in an incident.
+validator, so within bounds and step) among the eligible ones: the SAIR policy offers only
+those predicted within its top headroom of the SLO. We never explore while the SLO is
+breaking, a queue is growing or the telemetry is degraded: exploration is for learning, not
+for gambling in an incident.
 """
 
 from __future__ import annotations
@@ -36,12 +38,19 @@ def decay(epsilon: float) -> float:
 
 
 def maybe_explore(
-    state: ExploreState, candidates: Sequence[T], best: int, *, allowed: bool = True
+    state: ExploreState,
+    candidates: Sequence[T],
+    best: int,
+    *,
+    allowed: bool = True,
+    eligible: Sequence[int] | None = None,
 ) -> tuple[int, bool, ExploreState]:
-    """(chosen index, explored?, new state). Advances the counter and decays epsilon."""
+    """(chosen index, explored?, new state). Advances the counter and decays epsilon.
+    `eligible`: the candidates exploration may pick (None: all)."""
     rng = random.Random(f"{state.seed}:{state.counter}")
     u = rng.random()
-    others = [i for i in range(len(candidates)) if i != best]
+    pool = range(len(candidates)) if eligible is None else eligible
+    others = [i for i in pool if i != best]
     new = replace(state, epsilon=decay(state.epsilon), counter=state.counter + 1)
     if allowed and others and u < state.epsilon:
         return rng.choice(others), True, new

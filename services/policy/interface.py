@@ -115,7 +115,25 @@ def current_replicas(m: StageMetrics | None, stage: StageSpec) -> int:
     return m.replicas_ready + m.replicas_starting
 
 
-def current_rho(m: StageMetrics | None, stage: StageSpec) -> float | None:
+def current_rho(
+    m: StageMetrics | None, stage: StageSpec, applied: float | None = None
+) -> float | None:
+    """The GPU share the stage is set to: the last target applied when known (a grid value),
+    else the telemetry's rho snapped to the grid. Telemetry's rho is a window average (after
+    a change it lies between the old and the new value): a measurement, never a target."""
+    if stage.kind != "gpu":
+        return None
+    if applied is not None:
+        return applied
+    rho = m.rho if m is not None and m.rho is not None else stage.start_rho
+    if rho is None or not stage.rho_grid:
+        return rho
+    return min(stage.rho_grid, key=lambda g: (abs(g - rho), -g))
+
+
+def measured_rho(m: StageMetrics | None, stage: StageSpec) -> float | None:
+    """The rho the telemetry's rates were measured at (its window average): the one to pair
+    with its utilisation (which is normalised by it). Not a target: see `current_rho`."""
     if stage.kind != "gpu":
         return None
     if m is not None and m.rho is not None:
@@ -123,14 +141,24 @@ def current_rho(m: StageMetrics | None, stage: StageSpec) -> float | None:
     return stage.start_rho
 
 
-def current_targets(spec: PipelineSpec, telemetry: PipelineTelemetry) -> tuple[StageAction, ...]:
-    """The pipeline's present scale as a full set of targets, in spec order."""
+def current_targets(
+    spec: PipelineSpec,
+    telemetry: PipelineTelemetry,
+    applied: Mapping[str, float | None] | None = None,
+) -> tuple[StageAction, ...]:
+    """The pipeline's present scale as a full set of targets, in spec order.
+
+    `applied`: the rho last applied per GPU stage (policy state); replicas always come from
+    telemetry (desired if the supervisor says, else ready + starting)."""
     out: list[StageAction] = []
+    applied = applied or {}
     for st in spec.stages:
         m = stage_metrics(telemetry, st.name)
         out.append(
             StageAction(
-                stage=st.name, target_replicas=current_replicas(m, st), rho=current_rho(m, st)
+                stage=st.name,
+                target_replicas=current_replicas(m, st),
+                rho=current_rho(m, st, applied.get(st.name)),
             )
         )
     return tuple(out)
@@ -272,6 +300,7 @@ __all__ = [
     "finish",
     "get_policy",
     "hold_decision",
+    "measured_rho",
     "same_targets",
     "stage_metrics",
     "targets_from",

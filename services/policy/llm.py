@@ -29,7 +29,16 @@ from schemas.messages import PipelineTelemetry, RetrievedEpisode
 from schemas.pipeline import PipelineSpec
 
 from . import planner, prompt
-from .embedded import Prepared, SairConfig, SairPolicy, SairState, decision_for, prepare
+from .demand import Demand
+from .embedded import (
+    Prepared,
+    SairConfig,
+    SairPolicy,
+    SairState,
+    after_strategic,
+    decision_for,
+    prepare,
+)
 from .explore import maybe_explore
 from .interface import Decision, LLMCall, same_targets
 
@@ -151,21 +160,19 @@ class LLMPolicy(SairPolicy):
         state: SairState,
         now: float,
         retrieved: Sequence[RetrievedEpisode],
+        demand: Demand | None = None,
     ) -> tuple[Prepared, Decision | None, SairState, list[dict[str, str]]]:
-        prep = prepare(spec, telemetry, state, retrieved, self.config)
+        prep = prepare(spec, telemetry, state, retrieved, self.config, demand=demand, now=now)
         chosen, explored, ex_state = maybe_explore(
             state.explore,
             prep.candidates,
             prep.best,
-            allowed=self.config.explore and not prep.breaking and not prep.degraded,
+            allowed=(
+                self.config.explore and not prep.breaking and not prep.degraded and not prep.busy
+            ),
+            eligible=prep.safe,
         )
-        new_state = replace(
-            state,
-            mu1=prep.mu1,
-            explore=ex_state,
-            next_decision_s=now + spec.control_interval_s,
-            decisions=state.decisions + 1,
-        )
+        new_state = after_strategic(spec, telemetry, state, prep, ex_state, now)
         if explored:
             d = decision_for(
                 prep,
@@ -207,8 +214,12 @@ class LLMPolicy(SairPolicy):
         state: SairState,
         now: float,
         retrieved: Sequence[RetrievedEpisode] = (),
+        *,
+        demand: Demand | None = None,
     ) -> tuple[Decision, SairState]:
-        prep, early, new_state, msgs = self._begin(spec, telemetry, state, now, retrieved)
+        prep, early, new_state, msgs = self._begin(
+            spec, telemetry, state, now, retrieved, demand
+        )
         if early is not None:
             return early, new_state
         cfg = self.llm_config
@@ -232,9 +243,13 @@ class LLMPolicy(SairPolicy):
         state: SairState,
         now: float,
         retrieved: Sequence[RetrievedEpisode] = (),
+        *,
+        demand: Demand | None = None,
     ) -> tuple[Decision, SairState]:
         """As `strategic`, with the async client (for the service's event loop)."""
-        prep, early, new_state, msgs = self._begin(spec, telemetry, state, now, retrieved)
+        prep, early, new_state, msgs = self._begin(
+            spec, telemetry, state, now, retrieved, demand
+        )
         if early is not None:
             return early, new_state
         cfg = self.llm_config

@@ -5,7 +5,8 @@
 with weights from `PipelineSpec.reward` (schemas.pipeline.RewardWeights; defaults 1.0, 0.5,
 2.0, 0.2, 1.0) and
 
-- gain      = clip((p99_before - p99_after) / SLO, -1, 1)         latency improvement
+- gain      = clip((max(p99_before, F) - max(p99_after, F)) / SLO, -1, 1)   latency gain,
+              with F = LATENCY_FLOOR x SLO
 - cost      = cost_after / max_cost                                in [0, 1]
 - slo       = min(max(0, p99_after / SLO - 1), SLO_EXCESS_CAP)^2   quadratic SLO penalty
 - proactive = 1 if the action added capacity while the SLO still held but was at risk
@@ -15,6 +16,12 @@ with weights from `PipelineSpec.reward` (schemas.pipeline.RewardWeights; default
 
 max_cost is the cost of every stage at max_replicas and rho = 1. An unknown P99 (no
 completions) counts as no gain and as the worst P99 on the Pareto axis (REF), never as 0.
+
+The latency floor (our choice, not the paper's): a P99 below LATENCY_FLOOR x SLO (0.8, the
+planner's headroom) counts as that floor, in the gain and on the Pareto axis. The objective
+is the SLO at the least cost; without the floor both terms keep paying for latency nobody
+asked for (a 25 ms lower P99 was worth more than a rho step of GPU), so the learned and the
+planned actions over-provision. Above the floor a lower P99 is worth as much as before.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from . import pareto
 from .pareto import Point
 
 RISK_FRACTION = 0.8
+LATENCY_FLOOR = 0.8
+"""P99 below this fraction of the SLO earns nothing more (module doc)."""
 SLO_EXCESS_CAP = 2.0
 """P99 three times the SLO or worse earns the same (maximal) penalty: keeps rewards bounded."""
 
@@ -57,7 +66,10 @@ def max_cost_per_h(spec: PipelineSpec) -> float:
 
 
 def normalise(spec: PipelineSpec, p99_ms: float | None, cost_per_h: float) -> Point:
-    p = pareto.REF[0] if p99_ms is None else min(p99_ms / spec.slo_p99_ms, pareto.REF[0])
+    if p99_ms is None:
+        p = pareto.REF[0]
+    else:
+        p = min(max(p99_ms / spec.slo_p99_ms, LATENCY_FLOOR), pareto.REF[0])
     c = min(cost_per_h / max_cost_per_h(spec), pareto.REF[1])
     return (p, c)
 
@@ -77,7 +89,9 @@ def shaped_reward(
     if before.p99_ms is None or after.p99_ms is None:
         gain = 0.0
     else:
-        gain = max(-1.0, min(1.0, (before.p99_ms - after.p99_ms) / slo_ms))
+        floor = LATENCY_FLOOR * slo_ms
+        gain = (max(before.p99_ms, floor) - max(after.p99_ms, floor)) / slo_ms
+        gain = max(-1.0, min(1.0, gain))
     point = normalise(spec, after.p99_ms, after.cost_per_h)
     cost = point[1]
     excess = SLO_EXCESS_CAP if after.p99_ms is None else max(0.0, after.p99_ms / slo_ms - 1.0)

@@ -6,8 +6,12 @@ Rules, per stage, in this order (each one that changes something adds a reason):
               (None means "keep the current share");
 3. step     - |target - current| <= stage.max_step;
 4. bounds   - min_replicas <= target <= max_replicas (wins over the step limit);
-5. flapping - a change opposite in direction to this stage's last change, less than
-              `flap_cooldown_s` ago, is held back, unless the SLO is breaking;
+5. flapping - a cut (fewer replicas, lower rho) less than `flap_cooldown_s` after an
+              increase of the same dimension is held back, with the stage's other dimension
+              (a stage's replicas and rho are one configuration). Whether the SLO is
+              breaking does not matter: after a burst the telemetry's P99 stays high for a
+              window while the load is gone, exactly when a policy flaps. An increase that
+              reverses a recent cut always passes: it corrects a mistake;
 6. budget   - if the action's effective cost exceeds `cost_budget_per_h`, the increases are
               undone one unit at a time (most expensive replica first, then rho grid steps)
               until it fits; a configuration already over budget is not forced down (that
@@ -15,7 +19,9 @@ Rules, per stage, in this order (each one that changes something adds a reason):
 
 Baselines are wrapped with `guardrails="bounds"`: rules 1, 2 and 4 only, what a real
 deployment's min/max and the GPU grid impose; SAIR's own step limit, damping and budget would
-distort them. Pure: the state (last change per stage) is passed in and returned.
+distort them. Pure: the state (last change per stage, and the rho last applied per GPU
+stage) is passed in and returned. "Current" is the last target, not the telemetry's rho: that
+is a window average, off the grid after a change, and emitting it would move the share.
 """
 
 from __future__ import annotations
@@ -38,19 +44,27 @@ class LastChange:
     stage: str
     ts_s: float
     replica_dir: int
-    """+1 up, -1 down, 0 unchanged."""
+    """+1 up, -1 down, 0 never changed."""
     rho_dir: int
+    replica_ts_s: float | None = None
+    """When the replicas last moved (in `replica_dir`); None: never."""
+    rho_ts_s: float | None = None
 
 
 @dataclass(frozen=True)
 class ValidatorState:
     last_changes: tuple[LastChange, ...] = ()
+    applied_rho: tuple[tuple[str, float], ...] = ()
+    """The rho of every GPU stage in the last action that went out."""
 
     def last(self, stage: str) -> LastChange | None:
         for c in self.last_changes:
             if c.stage == stage:
                 return c
         return None
+
+    def applied(self) -> dict[str, float | None]:
+        return dict(self.applied_rho)
 
 
 @dataclass(frozen=True)
@@ -193,10 +207,13 @@ def validate(
     state: ValidatorState,
     now: float,
     *,
-    slo_breaking: bool,
+    slo_breaking: bool = False,
     config: ValidatorConfig = ValidatorConfig(),
 ) -> tuple[tuple[StageAction, ...], list[str], ValidatorState]:
-    """All six rules; returns the clamped targets, every reason, and the new state."""
+    """All six rules; returns the clamped targets, every reason, and the new state.
+
+    `slo_breaking` no longer changes any rule (rule 5 holds cuts whatever the SLO does, and
+    never holds increases); it is kept for callers and tells the reasons."""
     targets, reasons = clamp(spec, proposed, current, guardrails=config.guardrails)
     cur = {a.stage: a for a in current}
     if config.guardrails == "full":
@@ -211,20 +228,33 @@ def validate(
             last = state.last(a.stage)
             rdir = _sign(a.target_replicas - c.target_replicas)
             pdir = _sign((a.rho or 0.0) - (c.rho or 0.0))
-            if last is not None and now - last.ts_s < cooldown and not slo_breaking:
-                age = now - last.ts_s
-                if rdir != 0 and rdir == -last.replica_dir:
+            if last is not None:
+                # Only a cut that reverses a recent increase is held: that is the half of
+                # a flap that hurts (after a burst the load has gone, the telemetry's P99 is
+                # still high). An increase that reverses a recent cut corrects a mistake and
+                # always passes.
+                r_age = now - (last.replica_ts_s if last.replica_ts_s is not None else last.ts_s)
+                p_age = now - (last.rho_ts_s if last.rho_ts_s is not None else last.ts_s)
+                held_r = rdir < 0 and last.replica_dir > 0 and r_age < cooldown
+                held_p = pdir < 0 and last.rho_dir > 0 and p_age < cooldown
+                if held_r:
                     reasons.append(
                         f"{a.stage}: reversal {c.target_replicas}->{a.target_replicas} held "
-                        f"({age:.0f} s after the last change < cooldown {cooldown:.0f} s)"
+                        f"({r_age:.0f} s after the last change < cooldown {cooldown:.0f} s)"
                     )
-                    a = replace_action(a, target_replicas=c.target_replicas)
-                if pdir != 0 and pdir == -last.rho_dir:
+                if held_p:
                     reasons.append(
                         f"{a.stage}: rho reversal {c.rho}->{a.rho} held "
-                        f"({age:.0f} s < cooldown {cooldown:.0f} s)"
+                        f"({p_age:.0f} s < cooldown {cooldown:.0f} s)"
                     )
-                    a = replace_action(a, rho=c.rho)
+                if (held_r or held_p) and slo_breaking:
+                    reasons.append(f"{a.stage}: held although the SLO is breaking")
+                if held_r or held_p:
+                    # A stage's (replicas, rho) is one configuration: holding half of a
+                    # trade (fewer replicas at a higher rho) would apply one nobody chose.
+                    if (held_r and pdir != 0) or (held_p and rdir != 0):
+                        reasons.append(f"{a.stage}: held as a whole")
+                    a = replace_action(a, target_replicas=c.target_replicas, rho=c.rho)
             damped.append(a)
         targets = tuple(damped)
     changes = {c.stage: c for c in state.last_changes}
@@ -233,8 +263,24 @@ def validate(
         rdir = _sign(a.target_replicas - c.target_replicas)
         pdir = _sign((a.rho or 0.0) - (c.rho or 0.0))
         if rdir or pdir:
-            changes[a.stage] = LastChange(a.stage, now, rdir, pdir)
-    new_state = ValidatorState(tuple(changes[k] for k in sorted(changes)))
+            last = changes.get(a.stage)
+            # Each dimension keeps its own direction and time: a replica step does not
+            # restart (or clear) the clock of a rho reversal, and vice versa.
+            changes[a.stage] = LastChange(
+                a.stage,
+                now,
+                rdir if rdir else (last.replica_dir if last is not None else 0),
+                pdir if pdir else (last.rho_dir if last is not None else 0),
+                now if rdir else (last.replica_ts_s if last is not None else None),
+                now if pdir else (last.rho_ts_s if last is not None else None),
+            )
+    applied = dict(state.applied_rho)
+    for a in targets:
+        if a.rho is not None:
+            applied[a.stage] = a.rho
+    new_state = ValidatorState(
+        tuple(changes[k] for k in sorted(changes)), tuple(sorted(applied.items()))
+    )
     return targets, reasons, new_state
 
 
@@ -290,18 +336,26 @@ class ValidatedPolicy(Generic[S]):
         state: Validated[S],
         now: float,
     ) -> tuple[Decision, Validated[S]]:
-        current = current_targets(spec, telemetry)
-        if decision.hold and same_targets(decision.targets, current):
-            return decision, state
+        current = current_targets(spec, telemetry, state.validator.applied())
+        if decision.hold:
+            # Nothing to apply: the targets are the present scale as this validator knows it.
+            return replace(decision, targets=current), state
         breaking = slo_breaking(spec, telemetry) or decision.source == "reflex"
         targets, reasons, vstate = validate(
             spec, decision.targets, current, state.validator, now,
             slo_breaking=breaking, config=self.config,
         )
+        hold = same_targets(targets, current)
         out = replace(
             decision,
             targets=targets,
             validator_reasons=decision.validator_reasons + tuple(reasons),
-            hold=same_targets(targets, current),
+            hold=hold,
         )
-        return out, Validated(state.inner, vstate)
+        inner = state.inner
+        note = getattr(self.inner, "note_applied", None)
+        if note is not None:
+            # Tell the policy what actually went out (the validator may have clamped or
+            # held what it proposed).
+            inner = note(inner, targets, now, current)
+        return out, Validated(inner, vstate)

@@ -7,6 +7,7 @@ import pytest
 
 from services.policy.baselines.hpa import (
     Behavior,
+    HPAConfig,
     HPAPolicy,
     HPAStageState,
     replicas_for_average_value,
@@ -123,12 +124,24 @@ def test_policy_end_to_end_cpu_stage_and_gpu_signal() -> None:
     sp = f.spec()
     t = f.telemetry(sp=sp)
     t = f.with_stage(t, "pre", utilisation=0.9)  # 0.9 / 0.5 = 1.8 -> ceil(3.6) = 4
-    t = f.with_stage(t, "infer", utilisation=0.9)  # gpu: HPA sees 0.9 x 0.5 = 0.45 -> 0.9, keep
+    t = f.with_stage(t, "infer", utilisation=0.9)  # gpu utilisation: same formula -> 4
     pol = HPAPolicy()
     d, s = pol.decide(sp, t, pol.initial_state(sp), 0.0)
     assert d.target("pre").target_replicas == 4
-    assert d.target("infer").target_replicas == 2
+    assert d.target("infer").target_replicas == 4
     assert d.source == "baseline" and not d.hold
     # 5 s later: the 15 s sync period has not passed
     d2, s2 = pol.decide(sp, t, s, 5.0)
     assert d2.hold and s2 == s
+
+
+def test_gpu_stage_is_scaled_on_gpu_utilisation_by_default() -> None:
+    """A saturated GPU stage must make HPA scale it. With the old host-CPU factor 0.5 the
+    signal (1.0 x 0.5) never left the tolerance band of the 0.5 target: no scaling ever."""
+    sp = f.spec()
+    t = f.with_stage(f.telemetry(sp=sp), "infer", utilisation=1.0)
+    d, _ = HPAPolicy().decide(sp, t, HPAPolicy().initial_state(sp), 0.0)
+    assert d.target("infer").target_replicas == 4  # 1.0 / 0.5 x 2
+    cpu_view = HPAPolicy(HPAConfig(gpu_cpu_factor=0.5))
+    d, _ = cpu_view.decide(sp, t, cpu_view.initial_state(sp), 0.0)
+    assert d.target("infer").target_replicas == 2  # 0.5 / 0.5: within tolerance, held

@@ -65,17 +65,32 @@ def test_update_front_drops_dominated_points_and_ignores_dominated_newcomers() -
         # point (1.5, 0.1): pareto 1 + 1.5 x 0.9 / 3 = 1.45; total -0.3 - 0.05 - 0.5 + 1.45
         (Outcome(600, 1.0), Outcome(750, 0.7244), False, 0.6),
         # proactive: before 420 >= 0.8 x 500, after 380 <= SLO, capacity added: +0.2 x 1
-        # gain 40/500 = 0.08; pareto 1 + (3 - 0.76) x 0.9 / 3 = 1.672; total 0.08-0.05+0.2+1.672
-        (Outcome(420, 1.0), Outcome(380, 0.7244), True, 1.902),
+        # latency floor 0.8 x 500 = 400: gain (420 - 400) / 500 = 0.04; the point's P99 axis
+        # is max(0.76, 0.8) = 0.8: pareto 1 + 2.2 x 0.9 / 3 = 1.66; 0.04 - 0.05 + 0.2 + 1.66
+        (Outcome(420, 1.0), Outcome(380, 0.7244), True, 1.85),
         # no proactive bonus when the SLO was not at risk (before 300 < 400)
-        # gain -0.16; pareto 1 + 2.24 x 0.9 / 3 = 1.672; total -0.16 - 0.05 + 1.672
-        (Outcome(300, 1.0), Outcome(380, 0.7244), True, 1.462),
+        # both under the floor: gain 0; pareto 1.66; total -0.05 + 1.66
+        (Outcome(300, 1.0), Outcome(380, 0.7244), True, 1.61),
     ],
     ids=["improve", "breach-quadratic", "proactive", "no-risk-no-bonus"],
 )
 def test_shaped_reward(before: Outcome, after: Outcome, added: bool, expected: float) -> None:
     r = shaped_reward(f.spec(), before, after, [], added_capacity=added)
     assert r.total == pytest.approx(expected, abs=1e-9)
+
+
+def test_latency_under_the_floor_earns_nothing_so_the_cheaper_wins() -> None:
+    """Below 0.8 x SLO a lower P99 is not worth money: of two outcomes under the floor the
+    cheaper scores higher; above it, latency still counts."""
+    sp = f.spec()
+    before = Outcome(350.0, 1.0)
+    fast_dear = shaped_reward(sp, before, Outcome(100.0, 1.5), [])
+    slow_cheap = shaped_reward(sp, before, Outcome(390.0, 0.75), [])
+    assert fast_dear.gain == slow_cheap.gain == 0.0
+    assert fast_dear.point[0] == slow_cheap.point[0] == pytest.approx(0.8)
+    assert slow_cheap.total > fast_dear.total
+    # above the floor the gain is measured as before: (480 - 420) / 500
+    assert shaped_reward(sp, Outcome(480, 1), Outcome(420, 1), []).gain == pytest.approx(0.12)
 
 
 def test_unknown_p99_is_the_worst_not_zero() -> None:

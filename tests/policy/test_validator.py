@@ -105,9 +105,11 @@ def test_cost_budget_does_not_force_cuts_below_current() -> None:
     [
         (30.0, False, 2),  # 30 s after scaling up, a scale-down is a reversal: held
         (61.0, False, 1),  # past the 60 s cooldown (2 x 30 s control interval): allowed
-        (30.0, True, 1),  # SLO breaking: damping is off
+        # SLO breaking does not let capacity go: after a burst the windowed P99 stays high
+        # while the load is already gone, and that is exactly when a policy flaps
+        (30.0, True, 2),
     ],
-    ids=["reversal-held", "after-cooldown", "slo-breaking"],
+    ids=["reversal-held", "after-cooldown", "slo-breaking-still-holds-a-cut"],
 )
 def test_anti_flapping(now: float, breaking: bool, expected_pre: int) -> None:
     sp = f.spec()
@@ -119,6 +121,64 @@ def test_anti_flapping(now: float, breaking: bool, expected_pre: int) -> None:
     targets, reasons, _ = validate(sp, act(pre=1), CURRENT, state, now, slo_breaking=breaking)
     assert targets[0].target_replicas == expected_pre
     assert any("reversal" in r for r in reasons) == (expected_pre == 2)
+
+
+def test_an_increase_that_reverses_a_cut_always_passes() -> None:
+    """Holding a scale-up because it reverses a recent cut keeps a mistake in place (seen on
+    a ramp: rho cut at t = 78, the raise at t = 108 held, the queue built up)."""
+    sp = f.spec()
+    was = (CURRENT[0].model_copy(update={"target_replicas": 3}), *CURRENT[1:])
+    _, _, state = validate(sp, act(pre=2), was, ValidatorState(), 0.0, slo_breaking=False)
+    up, reasons, _ = validate(sp, act(pre=4), CURRENT, state, 10.0, slo_breaking=False)
+    assert up[0].target_replicas == 4 and not any("reversal" in r for r in reasons)
+
+
+def test_replica_step_does_not_reset_a_rho_reversal_clock() -> None:
+    sp = f.spec()
+    # t = 0: rho 0.5 -> 0.75 (up); t = 50: replicas 2 -> 3 (rho unchanged)
+    _, _, s = validate(sp, act(rho=0.75), CURRENT, ValidatorState(), 0.0, slo_breaking=False)
+    cur = (CURRENT[0], CURRENT[1].model_copy(update={"rho": 0.75}), CURRENT[2])
+    _, _, s = validate(sp, act(infer=3, rho=0.75), cur, s, 50.0, slo_breaking=False)
+    last = s.last("infer")
+    assert last is not None and last.rho_dir == 1 and last.rho_ts_s == 0.0
+    cur = (CURRENT[0], CURRENT[1].model_copy(update={"target_replicas": 3, "rho": 0.75}),
+           CURRENT[2])  # fmt: skip
+    # t = 61: rho down is 61 s after the rho went up: allowed on its own
+    out, reasons, _ = validate(sp, act(infer=3, rho=0.5), cur, s, 61.0, slo_breaking=False)
+    assert (out[1].target_replicas, out[1].rho) == (3, 0.5) and reasons == []
+    # with the replicas cut too (11 s after they went up): the stage is held as a whole
+    out, reasons, _ = validate(sp, act(infer=2, rho=0.5), cur, s, 61.0, slo_breaking=False)
+    assert (out[1].target_replicas, out[1].rho) == (3, 0.75)
+    assert any("infer: reversal 3->2 held" in r for r in reasons)
+    assert any("infer: held as a whole" in r for r in reasons)
+
+
+def test_wrapped_policy_holds_the_last_target_not_the_window_average() -> None:
+    """Defect 3: the telemetry's rho is a window average (0.6 between 0.5 and 0.75 after a
+    change); a policy that only changes replicas must keep the rho last applied, on the grid."""
+    from services.policy.interface import Decision
+    from services.policy.validator import Validated, ValidatedPolicy
+
+    sp = f.spec()
+
+    class OnlyReplicas:
+        name = "only-replicas"
+        is_baseline = False
+
+        def decide(self, spec, telemetry, state, now, retrieved=()):  # type: ignore[no-untyped-def]
+            targets = act(pre=3, rho=None)
+            return Decision(targets=tuple(targets), source="embedded", policy=self.name), state
+
+    pol: ValidatedPolicy[None] = ValidatedPolicy(OnlyReplicas())  # type: ignore[arg-type]
+    t = f.with_stage(f.telemetry(sp=sp), "infer", rho=0.6)  # mid-way average
+    state = Validated(None, ValidatorState(applied_rho=(("infer", 0.75),)))
+    d, s = pol.decide(sp, t, state, 100.0)
+    assert d.target("infer").rho == 0.75 and d.target("pre").target_replicas == 3
+    assert not any("snapped" in r for r in d.validator_reasons)
+    # no applied value yet: the average is snapped to the grid, never emitted as is
+    d, s = pol.decide(sp, t, Validated(None, ValidatorState()), 100.0)
+    assert d.target("infer").rho == 0.5
+    assert s.validator.applied() == {"infer": 0.5}
 
 
 def test_bounds_only_guardrails_skip_step_and_budget() -> None:

@@ -46,7 +46,11 @@ def baseline_decision(
     rationale: Sequence[str],
     rho: Mapping[str, float] | None = None,
 ) -> Decision:
-    """Full targets: replicas (and rho) of the named stages changed, the rest as they are."""
+    """Full targets: replicas (and rho) of the named stages changed, the rest as they are.
+
+    A GPU stage whose rho the baseline does not set carries rho None ("keep the current
+    share"): the validator fills in the share last applied. Telemetry's rho is a window
+    average, and echoing it back would move the share after every change."""
     cur = current_targets(spec, telemetry)
     rho = rho or {}
     out: list[StageAction] = []
@@ -55,11 +59,11 @@ def baseline_decision(
             StageAction(
                 stage=a.stage,
                 target_replicas=replicas.get(a.stage, a.target_replicas),
-                rho=rho.get(a.stage, a.rho),
+                rho=rho.get(a.stage),
             )
         )
     hold = all(
-        (a.target_replicas, a.rho) == (c.target_replicas, c.rho)
+        a.target_replicas == c.target_replicas and (a.rho is None or a.rho == c.rho)
         for a, c in zip(out, cur, strict=True)
     )
     return Decision(

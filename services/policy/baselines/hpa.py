@@ -1,12 +1,14 @@
-"""Kubernetes HPA (autoscaling/v2) on CPU utilisation, per stage (baselines.md §1).
+"""Kubernetes HPA (autoscaling/v2) on utilisation, per stage (baselines.md §1).
 
-Signal (what HPA-CPU reads from `StageMetrics`): the stage's CPU utilisation as a share of
-its CPU request, averaged over the replicas that report (`reporting_replicas`):
-- CPU stage: `utilisation` (busy / (replicas x window));
-- GPU stage: our telemetry has no process CPU of a GPU worker, so HPA sees
-  `utilisation x gpu_cpu_factor` (the busy share of its rho quota times the share of that
-  time the host thread spends on a CPU; default 0.5, a modelling choice). This is the point
-  of HPA-CPU as a baseline: CPU says little about GPU saturation.
+Signal (what HPA reads from `StageMetrics`): the stage's utilisation as a share of what one
+replica has, averaged over the replicas that report (`reporting_replicas`):
+- CPU stage: `utilisation` (busy / (replicas x window)), HPA on CPU;
+- GPU stage: `utilisation x gpu_cpu_factor`, where `utilisation` is the busy share of the
+  replica's rho quota. With the default factor 1.0 this is HPA on a GPU utilisation metric
+  (DCGM exporter `DCGM_FI_DEV_GPU_UTIL` through the Prometheus adapter as a Pods metric),
+  which is what people run for GPU inference. A factor below 1 models HPA on the host CPU
+  of a GPU worker; at 0.5 the signal can never reach the 0.5 target plus tolerance, so
+  HPA would never scale the GPU stage (a strawman, not a baseline).
 Pods: ready = replicas_ready that report, missing = ready ones that do not report, unready =
 replicas_starting (HPA's initialisation/readiness rules reduce to "starting" here).
 
@@ -61,7 +63,8 @@ class HPAConfig:
     target_utilisation: float = 0.5
     sync_period_s: float = 15.0
     behavior: Behavior = field(default_factory=Behavior)
-    gpu_cpu_factor: float = 0.5
+    gpu_cpu_factor: float = 1.0
+    """GPU stages: 1.0 = HPA on GPU utilisation (module doc); < 1 models host-CPU HPA."""
     min_replicas: int | None = None
     """None: the stage's min_replicas, at least 1 (HPA cannot scale to zero)."""
     max_replicas: int | None = None
@@ -253,7 +256,7 @@ def normalise(
 
 
 def cpu_utilisation(st: StageSpec, m: StageMetrics, gpu_cpu_factor: float) -> float | None:
-    """What HPA-CPU sees of this stage (module doc)."""
+    """What HPA sees of this stage: CPU utilisation, or GPU utilisation x factor (module doc)."""
     if m.utilisation is None:
         return None
     if st.kind == "gpu":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from schemas.messages import PipelineTelemetry, RetrievedEpisode, StageMetrics
 from schemas.pipeline import PipelineSpec, StageSpec
 
-from ..interface import Decision, current_rho, stage_metrics
+from ..interface import Decision, measured_rho, stage_metrics
 from . import baseline_decision
 
 
@@ -38,7 +38,7 @@ def service_rate_at_full_rho(st: StageSpec, m: StageMetrics | None) -> float | N
     """Requests/s of one replica at rho = 1 (None if nothing measured yet)."""
     if m is None:
         return None
-    rho = current_rho(m, st) or 1.0
+    rho = measured_rho(m, st) or 1.0
     if m.utilisation and m.throughput_rps and m.replicas_ready > 0 and m.utilisation > 0.01:
         return m.throughput_rps / (m.utilisation * m.replicas_ready * rho)
     if m.service_ms is not None and m.service_ms.p50_ms > 0:

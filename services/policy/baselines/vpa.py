@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from schemas.messages import PipelineTelemetry, RetrievedEpisode
 from schemas.pipeline import PipelineSpec, StageSpec
 
-from ..interface import Decision, Periodic, current_rho, hold_decision, stage_metrics
+from ..interface import (
+    Decision,
+    Periodic,
+    current_rho,
+    hold_decision,
+    measured_rho,
+    stage_metrics,
+)
 from . import PerStage, baseline_decision
 
 FIRST_BUCKET = 0.01
@@ -170,7 +177,8 @@ class VPAPolicy:
             if m is None or m.stale or m.utilisation is None:
                 why.append(f"{st.name}: utilisation unknown: no sample")
                 continue
-            used = m.utilisation * rho
+            # utilisation is of the window's average quota: pair it with that average
+            used = m.utilisation * (measured_rho(m, st) or 1.0)
             s = add_sample(s, used, max(rho, 0.1), now, cfg.half_life_s)
             rec = recommend(cfg, s, now)
             target = grid_at_least(st, rec.target)
