@@ -63,4 +63,12 @@ async def test_sair_bench_writes_results_for_every_run(tmp_path: Path) -> None:
     for r in runs:
         assert (r["pipeline"], r["workload"], r["seed"]) == ("imgcls", "poisson", 0)
         assert r["completed"] > 0 and r["p99_ms"] > 0 and r["effective_cost"] > 0
-    assert "imgcls" in (out_dir / "results.md").read_text()
+    # The Markdown table parses: under each metric heading, a header naming the policies and
+    # one row for the cell, with as many columns.
+    table = (out_dir / "results.md").read_text()
+    p99 = table[table.index("## End-to-end P99") :].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in p99.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]  # fmt: skip
+    header, cell = rows[0], rows[1:]
+    assert header[:2] == ["pipeline", "workload"] and sorted(header[2:]) == ["hpa", "static"]
+    assert [r[:2] for r in cell] == [["imgcls", "poisson"]] and len(cell[0]) == len(header)
