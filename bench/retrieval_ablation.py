@@ -12,13 +12,21 @@ Each round the chooser retrieves M = 15 episodes for the current context with on
 - random: 15 episodes drawn uniformly from the memory;
 - two ablations of the rule: surprisal-nodiv (no diversity penalty) and similar-diverse
   (similarity alone as the score, with the diversity penalty);
+- surprisal-medianbw: the rule with its former bandwidth (the median distance to all
+  candidates instead of the distance to the M-th nearest), for comparison;
 then picks, among the actions of the retrieved episodes, the one with the best
 kernel-weighted mean reward (the same Gaussian kernel for every method, median-heuristic
 bandwidth over the retrieved set). Exploration is the same for all (epsilon-greedy,
 epsilon <- max(0.05, 0.95 epsilon) per round, from one shared random stream per seed), so
 the methods differ only in which episodes the chooser sees.
 
+Diagnostics (not the default setting): `--candidates N` changes the candidate pool of the
+surprisal rules; `--chooser-bandwidth H` fixes the chooser's kernel for every method (by
+default it adapts to the spread of what was retrieved, so a method that retrieves farther
+episodes also gets a smoother, more biased chooser).
+
     .venv/bin/python bench/retrieval_ablation.py [--quick] [--rounds T] [--seeds S]
+        [--candidates N] [--chooser-bandwidth H]
 
 Prints a table of cumulative regret over T rounds, then one JSON line of mean regrets.
 """
@@ -49,6 +57,7 @@ M = 15
 CANDIDATES = 128
 REWARD_WIDTH = 0.3
 NOISE_SD = 0.1
+settings: dict[str, float | None] = {"candidates": CANDIDATES, "chooser_bandwidth": None}
 
 Retriever = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
@@ -67,10 +76,14 @@ def nearest_idx(x: np.ndarray, mem_x: np.ndarray, k: int) -> np.ndarray:
     return part[np.argsort(d[part], kind="stable")]
 
 
+def _pool(x: np.ndarray, mem_x: np.ndarray) -> np.ndarray:
+    return nearest_idx(x, mem_x, int(settings["candidates"] or CANDIDATES))
+
+
 def retrieve_surprisal(
     x: np.ndarray, mem_x: np.ndarray, mem_r: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    cand = nearest_idx(x, mem_x, CANDIDATES)
+    cand = _pool(x, mem_x)
     sel = select(x, mem_x[cand], mem_r[cand], M)
     return cand[sel.indices]
 
@@ -78,8 +91,18 @@ def retrieve_surprisal(
 def retrieve_surprisal_nodiv(
     x: np.ndarray, mem_x: np.ndarray, mem_r: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    cand = nearest_idx(x, mem_x, CANDIDATES)
+    cand = _pool(x, mem_x)
     sel = select(x, mem_x[cand], mem_r[cand], M, diversity=0.0)
+    return cand[sel.indices]
+
+
+def retrieve_surprisal_medianbw(
+    x: np.ndarray, mem_x: np.ndarray, mem_r: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """The rule with its former bandwidth: the median distance to all candidates."""
+    cand = _pool(x, mem_x)
+    d2 = ((mem_x[cand] - x) ** 2).sum(axis=1)
+    sel = select(x, mem_x[cand], mem_r[cand], M, bandwidth=median_bandwidth(d2))
     return cand[sel.indices]
 
 
@@ -87,8 +110,8 @@ def retrieve_similar_diverse(
     x: np.ndarray, mem_x: np.ndarray, mem_r: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """Ablates the surprisal factor: score = similarity alone, same diversity penalty."""
-    cand = nearest_idx(x, mem_x, CANDIDATES)
-    s = score_candidates(x, mem_x[cand], mem_r[cand])
+    cand = _pool(x, mem_x)
+    s = score_candidates(x, mem_x[cand], mem_r[cand], m=M)
     return cand[greedy_select(s.similarity, s.kernel, M, tie_break=s.similarity)]
 
 
@@ -108,6 +131,7 @@ def retrieve_random(
 METHODS: dict[str, Retriever] = {
     "surprisal": retrieve_surprisal,
     "surprisal-nodiv": retrieve_surprisal_nodiv,
+    "surprisal-medianbw": retrieve_surprisal_medianbw,
     "similar-diverse": retrieve_similar_diverse,
     "nearest-k": retrieve_nearest,
     "random": retrieve_random,
@@ -119,7 +143,8 @@ def choose(x: np.ndarray, ex: np.ndarray, ea: np.ndarray, er: np.ndarray) -> int
     if ex.shape[0] == 0:
         return None
     d2 = ((ex - x) ** 2).sum(axis=1)
-    w = gaussian_kernel(d2, median_bandwidth(d2))
+    fixed = settings["chooser_bandwidth"]
+    w = gaussian_kernel(d2, median_bandwidth(d2) if fixed is None else fixed)
     best, best_value = None, -np.inf
     for a in np.unique(ea):
         mask = ea == a
@@ -170,19 +195,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="500 rounds, 3 seeds")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--candidates", type=int, default=CANDIDATES,
+                    help="candidate pool of the surprisal rules (diagnostic)")
+    ap.add_argument("--chooser-bandwidth", type=float, default=None,
+                    help="fixed chooser kernel for every method (diagnostic)")
     args = ap.parse_args()
+    settings["candidates"] = args.candidates
+    settings["chooser_bandwidth"] = args.chooser_bandwidth
     rounds = args.rounds or (500 if args.quick else 2000)
     seeds = args.seeds or (3 if args.quick else 8)
     results: dict[str, list[float]] = {
         m: [run(m, s, rounds) for s in range(seeds)] for m in METHODS
     }
     print(f"contextual bandit: d={DIM}, K={ACTIONS} actions, T={rounds} rounds, {seeds} seeds, "
-          f"M={M}")
-    print(f"{'retrieval':<16}{'mean regret':>14}{'sd':>10}{'min':>10}{'max':>10}  per seed")
+          f"M={M}, candidates={args.candidates}, chooser bandwidth="
+          f"{args.chooser_bandwidth or 'median of retrieved'}")
+    print(f"{'retrieval':<20}{'mean regret':>14}{'sd':>10}{'min':>10}{'max':>10}  per seed")
     for m, regs in results.items():
         a = np.array(regs)
         per = " ".join(f"{v:.1f}" for v in regs)
-        print(f"{m:<16}{a.mean():>14.1f}{a.std(ddof=1) if a.size > 1 else 0.0:>10.1f}"
+        print(f"{m:<20}{a.mean():>14.1f}{a.std(ddof=1) if a.size > 1 else 0.0:>10.1f}"
               f"{a.min():>10.1f}{a.max():>10.1f}  {per}")
     wins = sum(
         s < n for s, n in zip(results["surprisal"], results["nearest-k"], strict=True)
@@ -193,9 +225,11 @@ def main() -> None:
         "regret_nearest_k": round(float(np.mean(results["nearest-k"])), 2),
         "regret_random": round(float(np.mean(results["random"])), 2),
         "regret_surprisal_nodiv": round(float(np.mean(results["surprisal-nodiv"])), 2),
+        "regret_surprisal_medianbw": round(float(np.mean(results["surprisal-medianbw"])), 2),
         "regret_similar_diverse": round(float(np.mean(results["similar-diverse"])), 2),
         "rounds": rounds,
         "seeds": seeds,
+        "candidates": args.candidates,
     }))
 
 

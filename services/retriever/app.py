@@ -2,8 +2,11 @@
 
 - `sair.episodes.<pipeline>`: durable pull consumer `retriever-<pipeline>` on stream
   `SAIR_EPISODES`, so episodes published while the retriever is down are stored when it
-  returns. Positive-reward episodes are stored, then the store is evicted to its bound.
-  An episode of the wrong encoding version or dimension is dead-lettered and acked.
+  returns. Each fetch (up to `FETCH_BATCH` messages) is stored in one `ingest` (one scan
+  block, one log write; evicting to the bound after each episode), and its messages are
+  acked only after that returns, so an acked episode is on disk. A malformed message is
+  dead-lettered and terminated; an episode of the wrong encoding version or dimension is
+  dead-lettered and acked; a failed store naks (JetStream redelivers).
 - `sair.retrieve.<pipeline>`: RetrieveRequest -> RetrieveReply; a bad query gets a reply whose
   `error` names the field and value.
 """
@@ -12,16 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import nats.errors
+from nats.aio.msg import Msg
 from nats.js import api as js_api
 from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 
 from sair.runtime import ServiceRuntime, configure_logging
 from sair.settings import Settings
 from schemas import subjects
+from schemas.common import describe_error
 from schemas.context import ENCODING_VERSION, context_dim
 from schemas.messages import Episode, RetrieveReply, RetrieveRequest
 from schemas.pipeline import PipelineSpec, load_pipeline_spec
@@ -33,6 +41,11 @@ from .store import EpisodeStore, StoreFactory
 SERVICE = "retriever"
 DEFAULT_CAPACITY = 10_000
 """Episodes kept per pipeline: at one decision per 30 s, about 3.5 days of distinct contexts."""
+
+FETCH_BATCH = 64
+"""Episodes per JetStream fetch, stored together (one scan block and one log write)."""
+NAK_DELAY_S = 1.0
+CLOSE_STEP_TIMEOUT_S = 5.0
 
 log = logging.getLogger("sair.retriever")
 
@@ -126,6 +139,10 @@ async def start_retriever(
         registry=rt.metrics.registry,
     )
     for name, mem in memories.items():
+        # the bound may be smaller than last run's
+        gone = mem.store.evict(capacity)
+        if gone:
+            evicted.labels(name).inc(len(gone))
         stored.labels(name).set(mem.store.count())
         await _wire(app, mem, stored, skipped, evicted, bad_queries, bandwidth, diversity)
     log.info(
@@ -152,22 +169,56 @@ async def _wire(
     subject = subjects.episodes(name)
     context = {"spec": mem.spec}
 
-    async def on_episode(episode: Episode) -> None:
-        problem = episode_problem(episode, mem.dim, ENCODING_VERSION)
-        if problem is not None:
-            # acked after this: a wrong-shaped episode never becomes right by redelivery
-            await rt.dead_letter(subject, episode.model_dump_json().encode(), f"Episode: {problem}")
+    async def on_batch(msgs: Sequence[Msg]) -> None:
+        good: list[tuple[Msg, Episode]] = []
+        for msg in msgs:
+            rt.metrics.received.labels(SERVICE, msg.subject).inc()
+            try:
+                episode = Episode.model_validate_json(msg.data, context=context)
+            except ValidationError as exc:
+                await rt.dead_letter(msg.subject, msg.data, f"Episode: {describe_error(exc)}")
+                await msg.term()
+                continue
+            problem = episode_problem(episode, mem.dim, ENCODING_VERSION)
+            if problem is not None:
+                # acked: a wrong-shaped episode never becomes right by redelivery
+                await rt.dead_letter(subject, msg.data, f"Episode: {problem}")
+                await msg.ack()
+                continue
+            if not should_store(episode):
+                skipped.labels(name).inc()
+                await msg.ack()
+                continue
+            good.append((msg, episode))
+        if not good:
             return
-        if not should_store(episode):
-            skipped.labels(name).inc()
-            return
-        async with mem.lock:
-            mem.store.add([episode])
-            gone = mem.store.evict(app.capacity)
-            count = mem.store.count()
+        try:
+            async with mem.lock:
+                _, gone = mem.store.ingest([e for _, e in good], app.capacity)
+            done = good
+        except Exception:
+            log.exception("storing %d episodes of %s failed; retrying one by one",
+                          len(good), name)
+            # one bad episode must not hold back the others of its fetch
+            gone, done = [], []
+            for msg, episode in good:
+                try:
+                    async with mem.lock:
+                        gone += mem.store.ingest([episode], app.capacity)[1]
+                    done.append((msg, episode))
+                except Exception as exc:
+                    rt.metrics.handler_errors.labels(SERVICE, msg.subject).inc()
+                    log.warning("storing episode %s failed (%s); redelivering",
+                                episode.episode_id, exc)
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=NAK_DELAY_S)
+        # ack only now: the store has written them (numpy engine: log flushed; Qdrant: upsert
+        # waited for), so a crash from here on loses nothing JetStream considers delivered
+        for msg, _ in done:
+            await msg.ack()
         if gone:
             evicted.labels(name).inc(len(gone))
-        stored.labels(name).set(count)
+        stored.labels(name).set(mem.store.count())
 
     async def on_retrieve(req: RetrieveRequest) -> RetrieveReply:
         problem = request_problem(req, mem.dim, ENCODING_VERSION)
@@ -186,13 +237,10 @@ async def _wire(
         subjects.retrieve(name), RetrieveRequest, on_retrieve, error_reply=error_reply,
         context=context,
     )
-    await rt.consume(
-        subjects.EPISODES_STREAM,
-        consumer_name(name),
+    psub = await rt.js.pull_subscribe(
         subject,
-        Episode,
-        on_episode,
-        context=context,
+        durable=consumer_name(name),
+        stream=subjects.EPISODES_STREAM,
         config=js_api.ConsumerConfig(
             durable_name=consumer_name(name),
             filter_subject=subject,
@@ -202,6 +250,30 @@ async def _wire(
             max_deliver=-1,
         ),
     )
+
+    async def consume() -> None:
+        try:
+            while True:
+                try:
+                    msgs = await psub.fetch(FETCH_BATCH, timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except (nats.errors.ConnectionClosedError,
+                        nats.errors.ConnectionReconnectingError):
+                    await asyncio.sleep(0.5)
+                    continue
+                except Exception as exc:
+                    log.warning("fetch on %s failed: %s", subject, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                await on_batch(msgs)
+        finally:
+            # before the runtime drains the connection: a pull subscription whose fetch was
+            # cancelled can otherwise hold the drain for its whole timeout
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(psub.unsubscribe(), CLOSE_STEP_TIMEOUT_S)
+
+    rt.spawn(consume(), name=f"consume-{consumer_name(name)}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

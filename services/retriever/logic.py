@@ -8,7 +8,7 @@ import numpy as np
 from schemas.messages import Episode, RetrievedEpisode, RetrieveReply, RetrieveRequest
 
 from .scoring import DEFAULT_DIVERSITY, select
-from .store import EpisodeStore
+from .store import CandidateSource
 
 
 def episode_problem(episode: Episode, dim: int, encoding_version: int) -> str | None:
@@ -46,7 +46,7 @@ def request_problem(req: RetrieveRequest, dim: int, encoding_version: int) -> st
 
 
 def retrieve(
-    store: EpisodeStore,
+    store: CandidateSource,
     req: RetrieveRequest,
     bandwidth: float | None = None,
     diversity: float = DEFAULT_DIVERSITY,

@@ -9,9 +9,13 @@ score(e) = k(x_e, x) * |r_e - E[r | D without e]|
 - Selection: greedy, up to m, with a diversity penalty: the gain of e given the selected set S
   is score(e) * (1 - lam * max_{s in S} k(x_e, x_s)), so an exact duplicate of a chosen episode
   gains nothing (lam = 1) while a distinct one keeps its score.
-- Bandwidth: the median heuristic over the candidate set, h = median |x_e - x| (distances from
-  the query to its candidates), floored at `MIN_BANDWIDTH` so identical candidates do not
-  produce a zero bandwidth. A fixed bandwidth can be passed instead.
+- Bandwidth: the scale of the neighbourhood the m selected episodes stand for, h = the
+  distance from the query to its m-th nearest candidate, floored at `MIN_BANDWIDTH` so
+  identical candidates do not produce a zero bandwidth. A fixed bandwidth can be passed
+  instead. (It was the median distance to all candidates, which tied the kernel to the
+  candidate-pool size, a search setting: with 512 candidates instead of 128 the kernel
+  widened, the diversity penalty pushed the picks further out, and the ablation's regret
+  almost doubled. See docs/retriever.md.)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ IntArray = NDArray[np.int64]
 MIN_BANDWIDTH = 0.05
 """Contexts live in [0, 1]^d; below this two contexts are 'the same situation'."""
 DEFAULT_DIVERSITY = 1.0
+DEFAULT_M = 15
 ROUNDING = 1e-12
 ZERO_SQ = 1e-12
 """Squared distances below this are rounding noise of a duplicate (distance < 1e-6)."""
@@ -54,6 +59,17 @@ def median_bandwidth(query_sq_dist: FloatArray, floor: float = MIN_BANDWIDTH) ->
     if query_sq_dist.size == 0:
         return floor
     return max(floor, float(np.sqrt(np.median(query_sq_dist))))
+
+
+def neighbourhood_bandwidth(
+    query_sq_dist: FloatArray, m: int = DEFAULT_M, floor: float = MIN_BANDWIDTH
+) -> float:
+    """Distance from the query to its m-th nearest candidate (the farthest, with fewer)."""
+    if query_sq_dist.size == 0:
+        return floor
+    k = min(max(m, 1), query_sq_dist.size)
+    kth = float(np.partition(query_sq_dist, k - 1)[k - 1])
+    return max(floor, float(np.sqrt(kth)))
 
 
 def loo_estimates(kernel: FloatArray, rewards: FloatArray) -> FloatArray:
@@ -97,8 +113,10 @@ def score_candidates(
     vectors: FloatArray,
     rewards: FloatArray,
     bandwidth: float | None = None,
+    m: int = DEFAULT_M,
 ) -> Scored:
-    """Similarity, leave-one-out surprisal and score of each candidate for `query`."""
+    """Similarity, leave-one-out surprisal and score of each candidate for `query`; without
+    a fixed bandwidth, the distance to the m-th nearest candidate sets it."""
     vectors = np.asarray(vectors, dtype=np.float64)
     rewards = np.asarray(rewards, dtype=np.float64)
     query = np.asarray(query, dtype=np.float64)
@@ -108,7 +126,7 @@ def score_candidates(
     if n and query.shape != (vectors.shape[1],):
         raise ValueError(f"query dimension {query.shape} is not {vectors.shape[1]}")
     q_sq = sq_distances(query[None, :], vectors)[0] if n else np.zeros(0)
-    h = median_bandwidth(q_sq) if bandwidth is None else float(bandwidth)
+    h = neighbourhood_bandwidth(q_sq, m) if bandwidth is None else float(bandwidth)
     sim = gaussian_kernel(q_sq, h)
     kernel = gaussian_kernel(sq_distances(vectors, vectors), h)
     surprisal = np.abs(rewards - loo_estimates(kernel, rewards))
@@ -136,20 +154,22 @@ def greedy_select(
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity={diversity}: must lie in [0, 1]")
     tb = np.zeros(n) if tie_break is None else np.asarray(tie_break, dtype=np.float64)
+    score = np.asarray(score, dtype=np.float64)
     chosen: list[int] = []
-    available = np.ones(n, dtype=bool)
     max_k = np.zeros(n)
+    keep = np.ones(n)
+    gain = np.empty(n)
     for _ in range(min(m, n)):
-        keep = 1.0 - diversity * max_k
-        gain = np.where(available, score * keep, -np.inf)
-        second = np.where(available, tb * keep, -np.inf)
+        np.multiply(score, keep, out=gain)
+        gain[chosen] = -np.inf
         best_gain = gain.max()
         # exact comparison is intended: ties are gains that are equal as computed
         tied = np.flatnonzero(gain >= best_gain)
-        pick = int(tied[np.argmax(second[tied])])
+        pick = int(tied[0]) if tied.size == 1 else int(tied[np.argmax(tb[tied] * keep[tied])])
         chosen.append(pick)
-        available[pick] = False
-        max_k = np.maximum(max_k, kernel[pick])
+        np.maximum(max_k, kernel[pick], out=max_k)
+        np.multiply(max_k, -diversity, out=keep)
+        keep += 1.0
     return chosen
 
 
@@ -172,7 +192,7 @@ def select(
     diversity: float = DEFAULT_DIVERSITY,
 ) -> Selection:
     """Score the candidates and pick up to m of them (the retriever's whole decision)."""
-    s = score_candidates(query, vectors, rewards, bandwidth)
+    s = score_candidates(query, vectors, rewards, bandwidth, m=m)
     idx = greedy_select(s.score, s.kernel, m, diversity, tie_break=s.similarity)
     return Selection(
         indices=idx,

@@ -11,8 +11,10 @@ Two backends behind the `EpisodeStore` protocol, both passing the same tests:
   replayed on open. Chosen because qdrant-client 1.20 local mode commits SQLite once per point
   (~2 ms: ~480 episodes/s) and searches by a Python-side scan (~7 ms at 10k, linear), which
   misses both targets (>= 1,000 episodes/s, p99 <= 10 ms at 100k); see docs/retriever.md.
-  Durability: every write is flushed to the OS (survives a process crash or restart); `fsync`
-  happens on snapshots, so a power loss may lose the log tail.
+  Durability: `ingest` writes and flushes a batch's adds to the log before it changes memory,
+  then its evictions, so once it returns (and the app acks) the episodes survive a process
+  crash or restart; `fsync` happens on snapshots, so a power loss may lose the log tail (as
+  JetStream itself, which fsyncs every 2 minutes by default).
 
 Both keep the coverage-keeping eviction of `redundancy.RedundancyIndex`.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,9 @@ COMPACT_FRACTION = 0.25
 max(COMPACT_MIN_LINES, COMPACT_FRACTION x stored) lines: snapshot cost stays O(1) per
 episode, and a replay after a crash is bounded by a quarter of the store."""
 _ID_NAMESPACE = uuid.UUID("5a1e0000-0000-4000-8000-000000000001")
+_SNAPSHOT_META = ("dim", "ids", "episodes", "rewards")
+PARSED_CACHE = 4096
+"""Parsed episodes the numpy engine keeps for `get` (least recently returned dropped)."""
 
 
 class StoreError(RuntimeError):
@@ -60,12 +66,8 @@ class Neighbours:
     sq_dist: FloatArray
 
 
-class EpisodeStore(Protocol):
-    dim: int
-
-    def add(self, episodes: Sequence[Episode]) -> int:
-        """Store episodes (ids already stored are skipped); returns how many were new."""
-        ...
+class CandidateSource(Protocol):
+    """What a retrieval reads (`logic.retrieve`)."""
 
     def count(self) -> int: ...
 
@@ -73,10 +75,23 @@ class EpisodeStore(Protocol):
 
     def get(self, ids: Sequence[str]) -> list[Episode]: ...
 
+
+class EpisodeStore(CandidateSource, Protocol):
+    dim: int
+
+    def add(self, episodes: Sequence[Episode]) -> int:
+        """Store episodes (ids already stored are skipped); returns how many were new."""
+        ...
+
     def ids(self) -> Iterator[str]: ...
 
     def evict(self, capacity: int) -> list[str]:
         """Drop the most redundant episodes until at most `capacity` remain; their ids."""
+        ...
+
+    def ingest(self, episodes: Sequence[Episode], capacity: int) -> tuple[int, list[str]]:
+        """Store episodes one after the other, evicting to `capacity` after each (the
+        outcome of add-then-evict per episode), durably before returning: (new, evicted ids)."""
         ...
 
     def close(self) -> None: ...
@@ -123,6 +138,7 @@ class NumpyEpisodeStore:
         self._log_path = self.dir / "log.txt"
         self._json: dict[str, str] = {}
         self._reward: dict[str, float] = {}
+        self._parsed: OrderedDict[str, Episode] = OrderedDict()
         self.index = RedundancyIndex(dim)
         self._load()
         self._log = open(self._log_path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
@@ -140,7 +156,7 @@ class NumpyEpisodeStore:
                 ids = _unjoin(z["ids"])
                 jsons = _unjoin(z["episodes"])
                 rewards = z["rewards"]
-                arrays = {k: z[k] for k in ("vectors", "ts", "nn_sq", "nn_idx")}
+                arrays = {k: z[k] for k in z.files if k not in _SNAPSHOT_META}
             if not len(ids) == len(jsons) == rewards.shape[0]:
                 raise StoreError(f"{self._snapshot}: inconsistent snapshot")
             self.index = RedundancyIndex.from_arrays(self.dim, ids, arrays)
@@ -181,8 +197,12 @@ class NumpyEpisodeStore:
 
     def _apply_remove(self, episode_id: str) -> None:
         self.index.remove(episode_id)
+        self._forget(episode_id)
+
+    def _forget(self, episode_id: str) -> None:
         del self._json[episode_id]
         del self._reward[episode_id]
+        self._parsed.pop(episode_id, None)
 
     def _write_log(self, lines: list[str]) -> None:
         if not lines:
@@ -190,6 +210,9 @@ class NumpyEpisodeStore:
         self._log.write("".join(lines))
         self._log.flush()
         self._log_lines += len(lines)
+
+    def _maybe_compact(self) -> None:
+        """Snapshot once the log is long (only when memory matches log + snapshot)."""
         if self._log_lines >= max(COMPACT_MIN_LINES, COMPACT_FRACTION * len(self.index)):
             self.snapshot()
 
@@ -218,17 +241,48 @@ class NumpyEpisodeStore:
 
     # ------------------------------------------------------------------ EpisodeStore
 
+    def _fresh(self, episodes: Sequence[Episode]) -> list[tuple[Episode, str]]:
+        """The episodes not stored yet (first of each id), with their JSON."""
+        fresh: list[tuple[Episode, str]] = []
+        seen: set[str] = set()
+        for e in episodes:
+            _check_dim(e, self.dim)
+            if e.episode_id not in self.index and e.episode_id not in seen:
+                seen.add(e.episode_id)
+                fresh.append((e, e.model_dump_json()))
+        return fresh
+
     def add(self, episodes: Sequence[Episode]) -> int:
-        new = self._apply_add(episodes)
-        self._write_log([f"A {self._json[e.episode_id]}\n" for e in new])
-        return len(new)
+        return self.ingest(episodes, None)[0]
+
+    def ingest(self, episodes: Sequence[Episode], capacity: int | None) -> tuple[int, list[str]]:
+        fresh = self._fresh(episodes)
+        # the adds reach the log (one write, flushed) before memory changes: if the write
+        # fails nothing changed, and the caller, which acks only after this returns, naks
+        self._write_log([f"A {text}\n" for _, text in fresh])
+        res = self.index.insert(
+            [e.episode_id for e, _ in fresh],
+            np.array([e.context for e, _ in fresh], dtype=np.float64).reshape(-1, self.dim),
+            np.array([e.ts_s for e, _ in fresh], dtype=np.float64),
+            capacity=capacity,
+        )
+        for e, text in fresh:
+            self._json[e.episode_id] = text
+            self._reward[e.episode_id] = e.reward
+        for eid in res.evicted:
+            self._forget(eid)
+        # a replay adds the batch, then removes these: the same set survives
+        self._write_log([f"D {eid}\n" for eid in res.evicted])
+        self._maybe_compact()
+        return len(res.kept), res.evicted
 
     def count(self) -> int:
         return len(self.index)
 
     def nearest(self, vector: Sequence[float] | FloatArray, k: int) -> Neighbours:
         slots, sq = self.index.nearest(_query(vector, self.dim), k)
-        ids = [self.index.ids[s] for s in slots]
+        all_ids = self.index.ids
+        ids = [all_ids[s] for s in slots.tolist()]
         return Neighbours(
             ids=ids,
             vectors=self.index.vectors[slots],
@@ -237,7 +291,21 @@ class NumpyEpisodeStore:
         )
 
     def get(self, ids: Sequence[str]) -> list[Episode]:
-        return [Episode.model_validate_json(self._json[i]) for i in ids]
+        # parsing is most of a retrieval's cost (~50 us an episode); the policy keeps asking
+        # about nearby contexts, so recently returned episodes are kept parsed (frozen models)
+        out: list[Episode] = []
+        cache = self._parsed
+        for i in ids:
+            e = cache.get(i)
+            if e is None:
+                e = Episode.model_validate_json(self._json[i])
+                cache[i] = e
+                if len(cache) > PARSED_CACHE:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(i)
+            out.append(e)
+        return out
 
     def ids(self) -> Iterator[str]:
         return iter(list(self.index.ids))
@@ -245,9 +313,9 @@ class NumpyEpisodeStore:
     def evict(self, capacity: int) -> list[str]:
         gone = _evict(self.index, capacity)
         for eid in gone:
-            del self._json[eid]
-            del self._reward[eid]
+            self._forget(eid)
         self._write_log([f"D {eid}\n" for eid in gone])
+        self._maybe_compact()
         return gone
 
     def close(self) -> None:
@@ -320,7 +388,7 @@ class QdrantEpisodeStore:
             if offset is None:
                 break
 
-    def add(self, episodes: Sequence[Episode]) -> int:
+    def _fresh(self, episodes: Sequence[Episode]) -> list[Episode]:
         for e in episodes:
             _check_dim(e, self.dim)
         fresh: list[Episode] = []
@@ -329,8 +397,36 @@ class QdrantEpisodeStore:
             if e.episode_id not in self.index and e.episode_id not in seen:
                 fresh.append(e)
                 seen.add(e.episode_id)
+        return fresh
+
+    def ingest(self, episodes: Sequence[Episode], capacity: int) -> tuple[int, list[str]]:
+        fresh = self._fresh(episodes)
+        # upsert first: if it fails, nothing changed and the episodes are redelivered
+        self._upsert(fresh)
+        res = self.index.insert(
+            [e.episode_id for e in fresh],
+            np.array([e.context for e in fresh], dtype=np.float64).reshape(-1, self.dim),
+            np.array([e.ts_s for e in fresh], dtype=np.float64),
+            capacity=capacity,
+        )
+        self._delete(res.evicted)
+        return len(res.kept), res.evicted
+
+    def add(self, episodes: Sequence[Episode]) -> int:
+        fresh = self._fresh(episodes)
         if not fresh:
             return 0
+        self._upsert(fresh)
+        self.index.add_many(
+            [e.episode_id for e in fresh],
+            np.array([e.context for e in fresh], dtype=np.float64),
+            np.array([e.ts_s for e in fresh]),
+        )
+        return len(fresh)
+
+    def _upsert(self, fresh: Sequence[Episode]) -> None:
+        if not fresh:
+            return
         m = self._m
         self.client.upsert(
             self.collection,
@@ -349,12 +445,16 @@ class QdrantEpisodeStore:
             ],
             wait=True,
         )
-        self.index.add_many(
-            [e.episode_id for e in fresh],
-            np.array([e.context for e in fresh], dtype=np.float64),
-            np.array([e.ts_s for e in fresh]),
-        )
-        return len(fresh)
+
+    def _delete(self, gone: Sequence[str]) -> None:
+        # after the index dropped them: if this fails, the points stay in the collection
+        # until the next start, whose rebuild evicts them again
+        if gone:
+            self.client.delete(
+                self.collection,
+                points_selector=self._m.PointIdsList(points=[point_id(i) for i in gone]),
+                wait=True,
+            )
 
     def count(self) -> int:
         return len(self.index)
@@ -393,12 +493,7 @@ class QdrantEpisodeStore:
 
     def evict(self, capacity: int) -> list[str]:
         gone = _evict(self.index, capacity)
-        if gone:
-            self.client.delete(
-                self.collection,
-                points_selector=self._m.PointIdsList(points=[point_id(i) for i in gone]),
-                wait=True,
-            )
+        self._delete(gone)
         return gone
 
     def close(self) -> None:

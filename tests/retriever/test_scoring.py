@@ -15,6 +15,7 @@ from services.retriever.scoring import (
     greedy_select,
     loo_estimates,
     median_bandwidth,
+    neighbourhood_bandwidth,
     score_candidates,
     select,
     sq_distances,
@@ -61,6 +62,26 @@ def test_single_episode_is_all_surprise() -> None:
 def test_median_bandwidth_and_floor() -> None:
     assert median_bandwidth(np.array([0.04, 0.09, 0.16])) == pytest.approx(0.3)
     assert median_bandwidth(np.zeros(5)) == MIN_BANDWIDTH
+
+
+def test_neighbourhood_bandwidth_ignores_the_pool_beyond_the_m_nearest() -> None:
+    near = np.array([0.16, 0.01, 0.04, 0.09])  # distances 0.4, 0.1, 0.2, 0.3
+    assert neighbourhood_bandwidth(near, m=2) == pytest.approx(0.2)
+    assert neighbourhood_bandwidth(near, m=15) == pytest.approx(0.4)  # fewer than m: farthest
+    # a bigger candidate pool (farther episodes) leaves the kernel as it was
+    pool = np.concatenate([near, np.full(500, 2.0)])
+    assert neighbourhood_bandwidth(pool, m=3) == neighbourhood_bandwidth(near, m=3)
+    assert median_bandwidth(pool) > 1.0  # the old rule: the pool size set the kernel
+    assert neighbourhood_bandwidth(np.zeros(5), m=3) == MIN_BANDWIDTH
+    assert neighbourhood_bandwidth(np.zeros(0)) == MIN_BANDWIDTH
+
+
+def test_default_bandwidth_is_the_m_th_nearest_distance() -> None:
+    q = np.zeros(1)
+    x = np.array([[0.1], [0.2], [0.3], [0.9], [1.0]])
+    s = score_candidates(q, x, np.ones(5), m=3)
+    assert s.bandwidth == pytest.approx(0.3)
+    assert select(q, x, np.ones(5), m=2).bandwidth == pytest.approx(0.2)
 
 
 def test_score_is_similarity_times_surprisal() -> None:
@@ -128,7 +149,7 @@ def test_predicted_episode_scores_lower_than_an_identical_surprising_one(
     q = np.array(query)
     base = np.array([*others[:n], 0.0])
     # the reward the neighbours predict for the target (independent of its own reward)
-    h = median_bandwidth(sq_distances(q[None, :], x)[0])
+    h = neighbourhood_bandwidth(sq_distances(q[None, :], x)[0])
     predicted = loo_estimates(gaussian_kernel(sq_distances(x, x), h), base)[-1]
     r_predicted = base.copy()
     r_predicted[-1] = predicted
