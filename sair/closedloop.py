@@ -660,7 +660,7 @@ class ClosedLoop:
             self.record.baseline_until_s = started + 0.2 * c.duration_s
         while not stop.is_set():
             comp = self._component("loadgen")
-            comp.argv = self._loadgen_argv()
+            comp.argv = self._loadgen_argv() + self.config.extra_args.get("loadgen", [])
             await self.start_component("loadgen")
             seg_s = c.duration_s if c.duration_s is not None else SEGMENT_S
             # Arrivals end after seg_s; the generator then waits up to drain_timeout_s.
