@@ -584,10 +584,20 @@ async def test_unreachable_llm_falls_back_to_the_embedded_policy(tmp_path: Path)
         cl = h.cl
         h.start_load()
         gen = await h.finish_load(cl.config.drain_timeout_s + 150)
-        decided = len(h.retrieves)  # strategic decisions so far (one may still be running)
-        fallbacks = await asyncio.to_thread(_policy_metric, h, "sair_policy_llm_fallbacks")
+        # Most strategic decisions hold; on a loaded machine the one that acts may come after
+        # the load ends, so wait (bounded) for one on the audit log before judging.
+        deadline = time.monotonic() + 60.0
         nc = await _connect(h)
         try:
+            while True:
+                actions, results = await _audit(nc)
+                if any(a.source == "embedded" for a in actions) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(1.0)
+            # Fallbacks before decisions: a decision is counted when it starts and its
+            # fallback after the failed call, so this order keeps fallbacks <= decided.
+            fallbacks = await asyncio.to_thread(_policy_metric, h, "sair_policy_llm_fallbacks")
+            decided = len(h.retrieves)  # strategic decisions so far (one may still be running)
             actions, results = await _audit(nc)
         finally:
             await nc.close()
