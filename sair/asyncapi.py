@@ -34,7 +34,8 @@ DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 # (subject pattern, model, who publishes -> who consumes)
 SUBJECTS: tuple[tuple[str, type[Any], str], ...] = (
     ("sair.pipe.{pipeline}.{stage}", StageRequest, "previous stage / loadgen -> workers"),
-    ("sair.pipe.{pipeline}.done", Completion, "last stage -> load generator, monitor"),
+    ("sair.pipe.{pipeline}.done", Completion,
+     "last stage -> load generator, monitor (core NATS; kept an hour in SAIR_DONE_<P>)"),
     ("sair.reports.{pipeline}.{stage}", WorkerReport, "each worker, every second -> monitor"),
     ("sair.replicas.{pipeline}", ReplicaStatus, "supervisor, every second -> monitor"),
     ("sair.telemetry.{pipeline}", PipelineTelemetry, "monitor, every tick -> policy, anyone"),

@@ -140,6 +140,7 @@ async def ensure_pipeline_streams(js: JetStreamContext, spec: PipelineSpec) -> N
             max_age=DAY_S,
         ),
     )
+    await ensure_done_stream(js, spec.name)
     for stage in spec.stage_names:
         cfg = js_api.ConsumerConfig(
             durable_name=subjects.stage_consumer(stage),
@@ -156,6 +157,30 @@ async def ensure_pipeline_streams(js: JetStreamContext, spec: PipelineSpec) -> N
         except nats.js.errors.NotFoundError:
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await js.add_consumer(stream, cfg)
+
+
+DONE_MAX_AGE_S = 3600.0
+DONE_MAX_BYTES = 256 * 1024 * 1024
+
+
+async def ensure_done_stream(js: JetStreamContext, pipeline: str) -> None:
+    """Keep the pipeline's completions (core-NATS publishes on `pipe_done`) for an hour.
+
+    Completions stay on core NATS for latency; this stream only lets a subscriber that was
+    disconnected read back what it missed (the load generator does, after a reconnect).
+    """
+    await _ensure_stream(
+        js,
+        js_api.StreamConfig(
+            name=subjects.done_stream(pipeline),
+            subjects=[subjects.pipe_done(pipeline)],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=js_api.StorageType.FILE,
+            max_age=DONE_MAX_AGE_S,
+            max_bytes=DONE_MAX_BYTES,
+            discard=js_api.DiscardPolicy.OLD,
+        ),
+    )
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None:

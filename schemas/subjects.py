@@ -50,7 +50,7 @@ def pipe_stage(pipeline: str, stage: str) -> str:
 
 
 def pipe_done(pipeline: str) -> str:
-    """Completions with end-to-end timing (core NATS)."""
+    """Completions with end-to-end timing (published on core NATS, kept in `done_stream`)."""
     return f"{PREFIX}.pipe.{check_name(pipeline, 'pipeline')}.done"
 
 
@@ -100,6 +100,12 @@ def dlq(service: str) -> str:
 def pipe_stream(pipeline: str) -> str:
     """Work-queue stream holding every stage queue of a pipeline."""
     return "SAIR_PIPE_" + check_name(pipeline, "pipeline").upper().replace("-", "_")
+
+
+def done_stream(pipeline: str) -> str:
+    """Limits stream keeping a pipeline's completions for a while, so a subscriber that was
+    disconnected (e.g. over a NATS restart) can read the ones it missed."""
+    return "SAIR_DONE_" + check_name(pipeline, "pipeline").upper().replace("-", "_")
 
 
 def stage_consumer(stage: str) -> str:

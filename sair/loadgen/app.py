@@ -5,6 +5,12 @@ time. Each request is published into the first stage's queue with
 `Nats-Msg-Id = <request id>:<first stage>` (a retried publish is stored once). End-to-end
 latency comes from the `Completion`s on `sair.pipe.<p>.done` (the last stage's clock minus
 `created_ts_s`); a request completed twice is counted as a duplicate, never twice.
+
+Completions travel on core NATS, which keeps nothing for a subscriber that is disconnected
+(e.g. over a NATS restart). The pipeline's done stream (`subjects.done_stream`) keeps them,
+so while requests are outstanding the generator reads back, every couple of seconds, the
+completions stored since its last read and folds in the ones it missed; one seen both ways
+is recognised by (request id, done time) and counted once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import api as js_api
 from pydantic import ValidationError
 
 from schemas import subjects
@@ -30,6 +37,9 @@ from schemas.messages import Completion, StageRequest
 from schemas.pipeline import PipelineSpec
 
 log = logging.getLogger("sair.loadgen")
+
+READ_BACK_S = 2.0
+"""While requests are outstanding after the last send, read the done stream back this often."""
 
 PayloadFn = Callable[[np.random.Generator, int], dict[str, Any]]
 
@@ -54,6 +64,8 @@ class LoadResult:
     send_end_s: float
     end_s: float
     publish_failures: int = 0
+    read_back: int = 0
+    """Completions missed on core NATS and read back from the done stream."""
 
     @property
     def sent(self) -> int:
@@ -90,6 +102,7 @@ class LoadResult:
             "lost": self.sent - self.completed,
             "duplicates": self.duplicates,
             "publish_failures": self.publish_failures,
+            "read_back": self.read_back,
             "offered_rps": round(self.sent / send_span, 3),
             "e2e_p50_ms": q(50),
             "e2e_p95_ms": q(95),
@@ -134,21 +147,80 @@ class LoadGenerator:
         self._all_done = asyncio.Event()
         self._expected = 0
         self._sub: Any = None
+        self._seen: set[tuple[str, float]] = set()
+        self._next_done_seq: int | None = None  # first done-stream sequence not read back yet
+        self.read_back = 0
+        """Completions missed on core NATS and read back from the done stream."""
 
     async def _on_done(self, msg: Msg) -> None:
+        self._fold(msg.data)
+
+    def _fold(self, data: bytes) -> bool:
+        """Count one completion; False if it is not ours, malformed or already counted."""
         try:
-            c = Completion.model_validate_json(msg.data)
+            c = Completion.model_validate_json(data)
         except ValidationError:
-            return
+            return False
         rec = self.records.get(c.request_id)
         if rec is None:
-            return
+            return False
+        key = (c.request_id, c.done_ts_s)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
         rec.completions += 1
         if rec.completions == 1:
             rec.done_s, rec.e2e_ms, rec.ok = c.done_ts_s, c.e2e_ms, c.ok
             rec.stage_ms = dict(c.stage_ms)
             if self._expected and self._count_done() >= self._expected:
                 self._all_done.set()
+        return True
+
+    async def _done_stream_last_seq(self) -> int | None:
+        """The done stream's last sequence, or None where there is no done stream."""
+        try:
+            info = await self.js.stream_info(subjects.done_stream(self.spec.name))
+        except Exception:  # no stream (an older deployment) or the bus is down right now
+            return None
+        return int(info.state.last_seq)
+
+    async def _read_back(self) -> int:
+        """Fold in the completions stored since the last read that core NATS did not bring."""
+        if self._next_done_seq is None:
+            return 0
+        last = await self._done_stream_last_seq()
+        if last is None or last < self._next_done_seq:
+            return 0
+        folded = 0
+        cfg = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._next_done_seq,
+            ack_policy=js_api.AckPolicy.NONE,
+            inactive_threshold=30.0,
+        )
+        try:
+            sub = await self.js.pull_subscribe(
+                subjects.pipe_done(self.spec.name),
+                stream=subjects.done_stream(self.spec.name),
+                config=cfg,
+            )
+            try:
+                while self._next_done_seq <= last:
+                    msgs = await sub.fetch(256, timeout=2.0)
+                    for m in msgs:
+                        self._next_done_seq = max(
+                            self._next_done_seq, m.metadata.sequence.stream + 1
+                        )
+                        folded += self._fold(m.data)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        except Exception as exc:  # the bus went away mid-read: the next read resumes here
+            log.info("reading back completions stopped at seq %s: %s", self._next_done_seq, exc)
+        if folded:
+            log.warning("%d completions missed on core NATS were read back", folded)
+        self.read_back += folded
+        return folded
 
     def _count_done(self) -> int:
         return sum(1 for r in self.records.values() if r.completions > 0)
@@ -170,6 +242,8 @@ class LoadGenerator:
         """Send at `offsets_s` (seconds from now); wait up to `drain_timeout_s` for the rest."""
         self._sub = await self.nc.subscribe(subjects.pipe_done(self.spec.name), cb=self._on_done)
         await self.nc.flush()
+        last = await self._done_stream_last_seq()
+        self._next_done_seq = None if last is None else last + 1
         self._expected = len(offsets_s)
         tasks: set[asyncio.Task[None]] = set()
         start = time.time()
@@ -195,13 +269,17 @@ class LoadGenerator:
         send_end = time.time()
         if self._count_done() >= self._expected:
             self._all_done.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_done.wait(), timeout=drain_timeout_s)
+        deadline = time.monotonic() + drain_timeout_s
+        while not self._all_done.is_set() and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_done.wait(), timeout=min(READ_BACK_S, left))
+            if not self._all_done.is_set():
+                await self._read_back()
         await asyncio.sleep(0.2)  # late duplicates, if any, are counted too
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
         return LoadResult(
             pipeline=self.spec.name, stage_names=self.spec.stage_names, records=self.records,
             started_s=start, send_end_s=send_end, end_s=time.time(),
-            publish_failures=self.publish_failures,
+            publish_failures=self.publish_failures, read_back=self.read_back,
         )  # fmt: skip

@@ -58,6 +58,7 @@ async def ensure_pipeline_exists(js: JetStreamContext, spec: PipelineSpec) -> No
     stream = subjects.pipe_stream(spec.name)
     try:
         await js.stream_info(stream)
+        await js.stream_info(subjects.done_stream(spec.name))
         for stage in spec.stage_names:
             await js.consumer_info(stream, subjects.stage_consumer(stage))
     except nats.js.errors.NotFoundError:

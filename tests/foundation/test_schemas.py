@@ -286,6 +286,7 @@ SUBJECT_CASES = [
     (subjects.dlq, ("monitor",), "sair.dlq.monitor"),
     (subjects.gpu_bucket_key, ("imgcls", "infer"), "sair:gpu:imgcls:infer"),
     (subjects.pipe_stream, ("text-gen",), "SAIR_PIPE_TEXT_GEN"),
+    (subjects.done_stream, ("text-gen",), "SAIR_DONE_TEXT_GEN"),
 ]
 
 
