@@ -78,6 +78,8 @@ M = TypeVar("M", bound=SairModel)
 
 WORKLOADS = ("poisson", "ramp", "burst", "trace")
 SERVICES = ("monitor", "retriever", "actuator", "supervisor", "policy")
+WATCHDOG_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
 """Started in this order; the policy once the workers are ready (its first decision then
 sees the pipeline serving, not starting)."""
 STOP_ORDER = ("warmup", "loadgen", "policy", "actuator", "supervisor", "monitor", "retriever")
@@ -234,6 +236,9 @@ class Component:
     starts: int = 0
     pids: list[int] = field(default_factory=list)
     on_spawn: Callable[[int], None] | None = None
+    wanted: bool = False
+    """Started and not stopped or killed on purpose: if it exits, the watchdog restarts it."""
+    crash_restarts: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -473,6 +478,7 @@ class ClosedLoop:
         self._nc: NatsClient | None = None
         self._segment = 0
         self._stopped = False
+        self._watchdog: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -525,7 +531,9 @@ class ClosedLoop:
                 "--process", c.workload, "--duration-s", f"{seg_s:g}",
                 "--seed", str(c.seed + self._segment),
                 "--run-id", f"up{int(time.time())}s{self._segment}",
-                "--drain-timeout-s", f"{c.drain_timeout_s:g}"]  # fmt: skip
+                "--drain-timeout-s", f"{c.drain_timeout_s:g}",
+                # One row per request (times, e2e and per-stage ms) for looking at a run later.
+                "--csv", str(self.workdir / f"requests-{self._segment}.csv")]  # fmt: skip
         for key, value in self.params.items():
             argv += ["--param", f"{key}={value:g}"]
         if c.trace is not None:
@@ -573,7 +581,33 @@ class ClosedLoop:
             await self._warm_up(stop)
         if stop is None or not stop.is_set():
             await self.start_component("policy")  # (already running after a warm-up)
+        self._watchdog = asyncio.create_task(self._watch_services(), name="sair-up-watchdog")
         return ready
+
+    async def _watch_services(self) -> None:
+        """Restart a service or the supervisor that exited by itself (as compose's `restart:
+        on-failure` would), with a doubling back-off: one that starts while NATS is down, for
+        instance, exits and comes back once the bus does. `stop_component` and `kill` are on
+        purpose and not undone."""
+        exited_at: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            for name in SERVICES:
+                comp = self.components.get(name)
+                if comp is None or not comp.wanted or comp.proc is None or comp.running():
+                    exited_at.pop(name, None)
+                    continue
+                now = time.monotonic()
+                first = exited_at.setdefault(name, now)
+                backoff_s = min(RESTART_BACKOFF_MAX_S, 2.0**comp.crash_restarts)
+                if now - first < backoff_s:
+                    continue
+                log.warning("%s exited by itself (code %s); restarting it (restart %d); see %s",
+                            name, comp.proc.returncode, comp.crash_restarts + 1,
+                            comp.log_path)  # fmt: skip
+                comp.crash_restarts += 1
+                exited_at.pop(name, None)
+                await self._in_spawner(comp.spawn)
 
     def base_rps(self) -> float:
         """The workload's quiet rate (what the warm-up sends)."""
@@ -703,6 +737,10 @@ class ClosedLoop:
         if self._stopped:
             return
         self._stopped = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         for name in STOP_ORDER[:5]:
             await self.stop_component(name)
         await asyncio.gather(*(self.stop_component(n) for n in STOP_ORDER[5:]))
@@ -725,6 +763,7 @@ class ClosedLoop:
                 self._server_pids.append(server.pid)
             return
         comp = self._component(name)
+        comp.wanted = name in SERVICES
         await self._in_spawner(comp.spawn)
 
     async def stop_component(self, name: str) -> None:
@@ -735,6 +774,7 @@ class ClosedLoop:
             return
         comp = self.components.get(name)
         if comp is not None:
+            comp.wanted = False
             await asyncio.to_thread(comp.stop)
 
     async def kill(self, name: str) -> None:
@@ -746,6 +786,7 @@ class ClosedLoop:
         comp = self.components.get(name)
         if comp is None:
             raise ClosedLoopError(f"component={name!r}: not started")
+        comp.wanted = False  # a crash on purpose: the test restarts it when it wants
         await asyncio.to_thread(comp.kill)
 
     async def restart(self, name: str) -> None:
@@ -824,9 +865,7 @@ class ClosedLoop:
 
         await nc.subscribe(subjects.telemetry(p), cb=self._typed(PipelineTelemetry, on_telemetry))
         await nc.subscribe(subjects.actions(p), cb=self._typed(ScalingAction, rec.on_action))
-        await nc.subscribe(
-            subjects.action_results(p), cb=self._typed(ActionResult, rec.on_result)
-        )
+        await nc.subscribe(subjects.action_results(p), cb=self._typed(ActionResult, rec.on_result))
         await nc.subscribe(subjects.replicas(p), cb=self._typed(ReplicaStatus, rec.on_replicas))
         await nc.subscribe(subjects.pipe_done(p), cb=self._typed(Completion, rec.on_completion))
 
@@ -897,5 +936,7 @@ class ClosedLoop:
             workdir=str(self.workdir),
             logs=str(self.log_dir),
             pids=self.started_pids(),
-        )
+            service_restarts={n: c.crash_restarts for n, c in self.components.items()
+                              if c.crash_restarts},
+        )  # fmt: skip
         return s

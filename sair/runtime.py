@@ -49,6 +49,7 @@ R = TypeVar("R", bound=SairModel)
 MAX_DLQ_PAYLOAD = 65536
 CLOSE_STEP_TIMEOUT_S = 5.0
 DAY_S = 86400.0
+SUBSCRIBE_FLUSH_TIMEOUT_S = 5
 
 
 class BusError(RuntimeError):
@@ -435,8 +436,21 @@ class ServiceRuntime:
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
         self._subs.append(sub)
         # Registered at the server when we return: a message sent next is not missed.
-        await self.nc.flush()
+        await self._flush_registration(subject)
         return sub
+
+    async def _flush_registration(self, subject: str) -> None:
+        """Wait for the server to have a new subscription. If the bus went down meanwhile,
+        the client re-sends it on reconnect: log that and go on, do not fail start-up."""
+        try:
+            await self.nc.flush(timeout=SUBSCRIBE_FLUSH_TIMEOUT_S)
+        except nats.errors.FlushTimeoutError:
+            self.log.warning(
+                "NATS did not confirm the subscription to %s in %d s; it is registered "
+                "again on reconnect",
+                subject,
+                SUBSCRIBE_FLUSH_TIMEOUT_S,
+            )
 
     async def serve(
         self,
@@ -476,7 +490,7 @@ class ServiceRuntime:
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
         self._subs.append(sub)
         # Registered at the server when we return: a message sent next is not missed.
-        await self.nc.flush()
+        await self._flush_registration(subject)
         return sub
 
     async def consume(

@@ -533,6 +533,20 @@ async def test_policy_killed_mid_run_then_restarted(tmp_path: Path) -> None:
             await _check_state_consistent(h, nc)
         finally:
             await nc.close()
+
+        # A service that dies by itself (not through the loop's kill) is brought back by the
+        # loop's watchdog: the monitor, SIGKILLed from outside, runs again and publishes.
+        old = cl.pids()["monitor"]
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        crashed_at = time.time()
+        await _wait(lambda: cl.pids()["monitor"] not in (None, old), 15,
+                    "the watchdog to restart the monitor", h)  # fmt: skip
+        await _wait(lambda: any(p.t_s + cl.record.t0_s > crashed_at + 1.0
+                                for p in cl.record.timeline), 30,
+                    "telemetry from the restarted monitor", h)  # fmt: skip
+        assert cl.components["monitor"].crash_restarts == 1, h.why()
+        assert cl.summary()["service_restarts"] == {"monitor": 1}, h.why()
     assert h.left == [], h.left
 
 
