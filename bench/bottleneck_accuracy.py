@@ -125,9 +125,7 @@ def simulate(sc: Scenario, end_s: float, rep: int = 0) -> list[StageRun]:
 
 def state_at(runs: list[StageRun], t: float) -> list[int]:
     """Requests in each stage (waiting or in service) at time t."""
-    return [
-        sum(1 for a, d in zip(run.arrive, run.end, strict=True) if a <= t < d) for run in runs
-    ]
+    return [sum(1 for a, d in zip(run.arrive, run.end, strict=True) if a <= t < d) for run in runs]
 
 
 def future_latency_s(
@@ -227,8 +225,15 @@ def oracle_bottleneck(sc: Scenario, runs: list[StageRun], horizon_s: float) -> s
     """The detector fed the true rates and the true decision-time state, not telemetry."""
     in_stage = state_at(runs, WARMUP_S + WINDOW_S)
     loads = [
-        StageLoad(name=name, servers=c, service_s=s_, arrival_rps=sc.arrival_rps,
-                  throughput_rps=sc.arrival_rps, queue_depth=n, queue_growth_per_s=0.0)
+        StageLoad(
+            name=name,
+            servers=c,
+            service_s=s_,
+            arrival_rps=sc.arrival_rps,
+            throughput_rps=sc.arrival_rps,
+            queue_depth=n,
+            queue_growth_per_s=0.0,
+        )
         for (name, _), c, s_, n in zip(STAGES, sc.servers, sc.service_s, in_stage, strict=True)
     ]
     return detect_bottleneck(loads, horizon_s=horizon_s).stage
@@ -239,19 +244,37 @@ def spec_for(sc: Scenario) -> PipelineSpec:
     for (name, kind), c in zip(STAGES, sc.servers, strict=True):
         if kind == "gpu":
             stages.append(
-                StageSpec(name=name, kind="gpu", rho_grid=list(RHO_GRID), initial_rho=sc.rho,
-                          initial_replicas=c, max_replicas=16)
+                StageSpec(
+                    name=name,
+                    kind="gpu",
+                    rho_grid=list(RHO_GRID),
+                    initial_rho=sc.rho,
+                    initial_replicas=c,
+                    max_replicas=16,
+                )
             )
         else:
             stages.append(StageSpec(name=name, kind="cpu", initial_replicas=c, max_replicas=16))
     return PipelineSpec(
-        name="bench", stages=stages, slo_p99_ms=1000.0, tick_s=TICK_S,
-        control_interval_s=30.0, settle_s=30.0,
+        name="bench",
+        stages=stages,
+        slo_p99_ms=1000.0,
+        tick_s=TICK_S,
+        control_interval_s=30.0,
+        settle_s=30.0,
     )
 
 
 def telemetry_bottleneck(sc: Scenario, runs: list[StageRun]) -> tuple[str | None, str | None]:
     """Feed the window's reports and queue samples through the real aggregator."""
+    bottleneck, naive, _ = telemetry_run(sc, runs)
+    return bottleneck, naive
+
+
+def telemetry_run(
+    sc: Scenario, runs: list[StageRun]
+) -> tuple[str | None, str | None, WindowAggregator]:
+    """`telemetry_bottleneck`, plus the aggregator (its last detector inputs and answer)."""
     spec = spec_for(sc)
     agg = WindowAggregator(spec, window_s=WINDOW_S)
     t_dec = WARMUP_S + WINDOW_S
@@ -266,8 +289,11 @@ def telemetry_bottleneck(sc: Scenario, runs: list[StageRun]) -> tuple[str | None
             while t + 1.0 <= t_dec:
                 lo, hi = t, t + 1.0
                 done = [j for j in jobs if lo <= run.end[j] < hi]
-                busy = sum(max(0.0, min(hi, run.end[j]) - max(lo, run.start[j])) for j in jobs
-                           if run.start[j] < hi and run.end[j] > lo)
+                busy = sum(
+                    max(0.0, min(hi, run.end[j]) - max(lo, run.start[j]))
+                    for j in jobs
+                    if run.start[j] < hi and run.end[j] > lo
+                )
                 service = LatencyHistogram.from_values(
                     (run.end[j] - run.start[j]) * 1000 for j in done
                 )
@@ -276,9 +302,17 @@ def telemetry_bottleneck(sc: Scenario, runs: list[StageRun]) -> tuple[str | None
                 )
                 seq += 1
                 report = WorkerReport(
-                    pipeline=spec.name, stage=name, worker_id=f"{name}-{k}", seq=seq,
-                    state="ready", ts_s=hi, interval_s=1.0, processed=len(done), busy_s=busy,
-                    service_ms=service, queue_wait_ms=wait,
+                    pipeline=spec.name,
+                    stage=name,
+                    worker_id=f"{name}-{k}",
+                    seq=seq,
+                    state="ready",
+                    ts_s=hi,
+                    interval_s=1.0,
+                    processed=len(done),
+                    busy_s=busy,
+                    service_ms=service,
+                    queue_wait_ms=wait,
                     rho=sc.rho if kind == "gpu" else None,
                     # Under a rho quota the replica is blocked on launch tokens (1 - rho) of
                     # its busy time; the rest is GPU time.
@@ -305,10 +339,80 @@ def telemetry_bottleneck(sc: Scenario, runs: list[StageRun]) -> tuple[str | None
             final = agg.snapshot(t, queues)
     assert final is not None
     naive = max_utilisation_bottleneck(
-        [StageLoad(name=m.stage, servers=m.replicas_ready, service_s=None,
-                   utilisation=m.utilisation) for m in final.stages]
+        [
+            StageLoad(
+                name=m.stage, servers=m.replicas_ready, service_s=None, utilisation=m.utilisation
+            )
+            for m in final.stages
+        ]
     )
-    return final.bottleneck, naive.stage
+    return final.bottleneck, naive.stage, agg
+
+
+@dataclass(frozen=True)
+class Explained:
+    """`--explain`: why the detector chose what it chose, against what it could have known."""
+
+    true_service: str | None
+    """The detector on the same telemetry but with the true mean service times."""
+    posterior: dict[str, float]
+    """P(stage is the detector's pick | window): the detector re-run on parameters drawn from
+    their posterior given the window's sample counts (flat prior; S_i ~ sum / Gamma(n_i),
+    lambda ~ Gamma(arrivals) / span). max() of it is what the best possible rule on this
+    model expects to score here; its value at the detector's pick is what the pick expects."""
+    lines: list[str]
+
+
+def explain(
+    sc: Scenario,
+    runs: list[StageRun],
+    agg: WindowAggregator,
+    horizon_s: float,
+    draws: int = 200,
+) -> Explained:
+    t_dec = WARMUP_S + WINDOW_S
+    loads = list(agg.last_loads)
+    truth_loads = [
+        dataclasses.replace(ld, service_s=s_) for ld, s_ in zip(loads, sc.service_s, strict=True)
+    ]
+    true_service = detect_bottleneck(truth_loads, horizon_s=horizon_s).stage
+    # Service samples the window held per stage (the requests that finished in it).
+    n_done = [sum(1 for d in run.end if t_dec - WINDOW_S <= d < t_dec) for run in runs]
+    span = WINDOW_S - TICK_S  # the arrival counter is read from the first tick on
+    lam_hat = loads[0].arrival_rps
+    n_arr = (lam_hat or 0.0) * span
+    rng = random.Random(sc.seed * 31 + 17)
+    picks: dict[str, float] = {}
+    if all(ld.service_s for ld in loads) and n_arr > 0 and min(n_done) > 0:
+        for _ in range(draws):
+            lam = rng.gammavariate(n_arr, 1.0) / span
+            drawn = [
+                dataclasses.replace(
+                    ld,
+                    service_s=(ld.service_s or 0.0) * n / rng.gammavariate(n, 1.0),
+                    arrival_rps=lam if i == 0 else ld.arrival_rps,
+                )
+                for i, (ld, n) in enumerate(zip(loads, n_done, strict=True))
+            ]
+            pick = detect_bottleneck(drawn, horizon_s=horizon_s).stage
+            if pick is not None:
+                picks[pick] = picks.get(pick, 0.0) + 1.0 / draws
+    gains = agg.last_bottleneck.gains_ms if agg.last_bottleneck is not None else {}
+    lines = []
+    for i, ld in enumerate(loads):
+        est, true_s, n = ld.service_s, sc.service_s[i], n_done[i]
+        err = f"{(est / true_s - 1) * math.sqrt(n):+.1f}" if est else "?"
+        lines.append(
+            f"  {ld.name:6} S {1000 * (est or math.nan):8.2f} ms (true {1000 * true_s:8.2f}, "
+            f"n={n}, z={err}) depth={ld.queue_depth} servers={ld.servers} "
+            f"modelled gain {gains.get(ld.name, math.nan):.1f} ms, "
+            f"P(pick | window)={picks.get(ld.name, 0.0):.2f}"
+        )
+    lines.append(
+        f"  arrivals {lam_hat or math.nan:.2f}/s (true {sc.arrival_rps:.2f}); "
+        f"with the true S the detector picks {true_service}"
+    )
+    return Explained(true_service, picks, lines)
 
 
 LABEL_VERSION = 2
@@ -320,15 +424,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", type=int, default=200)
     ap.add_argument("--horizon-s", type=float, default=60.0)
-    ap.add_argument("--window-s", type=float, default=WINDOW_S,
-                    help="telemetry window (and reports) before the decision")
-    ap.add_argument("--warmup-s", type=float, default=WARMUP_S,
-                    help="simulated time before the window (decision at warm-up + window)")
+    ap.add_argument(
+        "--window-s",
+        type=float,
+        default=WINDOW_S,
+        help="telemetry window (and reports) before the decision",
+    )
+    ap.add_argument(
+        "--warmup-s",
+        type=float,
+        default=WARMUP_S,
+        help="simulated time before the window (decision at warm-up + window)",
+    )
     ap.add_argument("--min-reps", type=int, default=10, help="futures per labelling round")
     ap.add_argument("--max-reps", type=int, default=60, help="futures per label at most")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="40 scenarios, at most 20 futures")
     ap.add_argument("--verbose", action="store_true", help="print every miss")
+    ap.add_argument(
+        "--explain",
+        action="store_true",
+        help="per miss, the telemetry's estimates against the truth (service "
+        "samples, z of the error); adds to the JSON the detector's accuracy with "
+        "the true service times and the accuracy expected from the window's "
+        "posterior (slower)",
+    )
     ap.add_argument("--label-cache", default=None, help="JSON file to keep/reuse labels in")
     args = ap.parse_args()
     WINDOW_S, WARMUP_S = args.window_s, args.warmup_s
@@ -357,8 +477,17 @@ def main() -> None:
         else:
             lab = label(sc, runs, args.horizon_s, args.min_reps, max_reps)
             cache[key] = dataclasses.asdict(lab)
-        got, naive = telemetry_bottleneck(sc, runs)
+        got, naive, agg = telemetry_run(sc, runs)
         oracle = oracle_bottleneck(sc, runs, args.horizon_s)
+        why = explain(sc, runs, agg, args.horizon_s) if args.explain else None
+        if why is not None:
+            count("true_service", why.true_service == lab.truth)
+            tally["posterior_best_x1000"] = tally.get("posterior_best_x1000", 0) + round(
+                1000 * max(why.posterior.values(), default=0.0)
+            )
+            tally["posterior_pick_x1000"] = tally.get("posterior_pick_x1000", 0) + round(
+                1000 * why.posterior.get(got or "", 0.0)
+            )
         count("all", got == lab.truth)
         count("naive", naive == lab.truth)
         count("oracle", oracle == lab.truth)
@@ -376,11 +505,15 @@ def main() -> None:
                 round(sc.arrival_rps * s_ / c, 2)
                 for s_, c in zip(sc.service_s, sc.servers, strict=True)
             ]
-            print(f"miss seed={sc.seed} truth={lab.truth} got={got} naive={naive} "
-                  f"oracle={oracle} decidable={lab.decidable} "
-                  f"z={[round(z, 1) for z in lab.z]} reps={lab.reps} "
-                  f"gains_ms={[round(g * 1000, 1) for g in lab.gains_s]} "
-                  f"lam={sc.arrival_rps:.1f} c={sc.servers} util={utils}")
+            print(
+                f"miss seed={sc.seed} truth={lab.truth} got={got} naive={naive} "
+                f"oracle={oracle} decidable={lab.decidable} "
+                f"z={[round(z, 1) for z in lab.z]} reps={lab.reps} "
+                f"gains_ms={[round(g * 1000, 1) for g in lab.gains_s]} "
+                f"lam={sc.arrival_rps:.1f} c={sc.servers} util={utils}"
+            )
+        if why is not None and got != lab.truth:
+            print("\n".join(why.lines))
     if cache_path is not None:
         cache_path.write_text(json.dumps(cache))
 
@@ -397,13 +530,28 @@ def main() -> None:
         "tie_tolerant_accuracy": rate("tolerant"),
         "oracle_inputs_accuracy": rate("oracle"),
         "decidable_oracle_inputs_accuracy": rate("decidable_oracle"),
-        "families": {k: {"scenarios": v[0], "accuracy": round(v[1] / v[0], 4),
-                         "naive_accuracy": round(v[2] / v[0], 4)} for k, v in fam.items()},
+        "families": {
+            k: {
+                "scenarios": v[0],
+                "accuracy": round(v[1] / v[0], 4),
+                "naive_accuracy": round(v[2] / v[0], 4),
+            }
+            for k, v in fam.items()
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    print(f"detector {tally['all_hits']}/{n}, naive max-utilisation {tally['naive_hits']}/{n}, "
-          f"detector on true inputs {tally['oracle_hits']}/{n}; decidable (z >= 2) "
-          f"{tally.get('decidable_hits', 0)}/{tally.get('decidable', 0)}")
+    if args.explain:
+        out["true_service_inputs_accuracy"] = rate("true_service")
+        out["posterior_expected_accuracy"] = round(tally["posterior_pick_x1000"] / 1000 / n, 4)
+        out["posterior_best_rule_expected_accuracy"] = round(
+            tally["posterior_best_x1000"] / 1000 / n, 4
+        )
+        out["seconds"] = round(time.perf_counter() - started, 1)
+    print(
+        f"detector {tally['all_hits']}/{n}, naive max-utilisation {tally['naive_hits']}/{n}, "
+        f"detector on true inputs {tally['oracle_hits']}/{n}; decidable (z >= 2) "
+        f"{tally.get('decidable_hits', 0)}/{tally.get('decidable', 0)}"
+    )
     print(json.dumps(out))
 
 

@@ -162,6 +162,9 @@ class StageMetrics(SairModel):
     throughput_rps: NonNegFloat | None = None
     queue_depth: Count | None = None
     queue_growth_per_s: float | None = None
+    arrived_total: Count | None = None
+    """Requests that ever entered the stage's queue, read with `queue_depth` (JetStream's
+    counter): its difference between two ticks is what arrived in between, fresh and exact."""
     utilisation: NonNegFloat | None = None
     """busy / (replicas x window); for GPU stages divided by rho (utilisation of the quota)."""
     service_ms: Percentiles | None = None

@@ -172,6 +172,11 @@ class WindowAggregator:
         self.restarts_total = 0
         self.lost_reports_total = 0
         self.completions_total = 0
+        self.last_loads: tuple[StageLoad, ...] = ()
+        """What the bottleneck detector was fed at the last snapshot (for diagnostics)."""
+        self.last_bottleneck: Bottleneck | None = None
+        """The detector's full answer at the last snapshot, modelled gains per stage included
+        (the telemetry carries only the stage and the confidence)."""
 
     # ------------------------------------------------------------------ ingest
 
@@ -194,7 +199,12 @@ class WindowAggregator:
         lost = 0
         if worker is None:
             worker = _Worker(
-                report.stage, report.worker_id, report.seq, report.ts_s, report.state, now,
+                report.stage,
+                report.worker_id,
+                report.seq,
+                report.ts_s,
+                report.state,
+                now,
                 report.rho,
             )
             self._workers[key] = worker
@@ -359,6 +369,8 @@ class WindowAggregator:
             if short_of_replicas:
                 short.append(name)
         bottleneck = detect_bottleneck(loads, horizon_s=self.horizon_s)
+        self.last_loads = tuple(loads)
+        self.last_bottleneck = bottleneck
         telemetry = self._pipeline(now, metrics, bottleneck, short)
         self._tick += 1
         return telemetry
@@ -504,9 +516,11 @@ class WindowAggregator:
             if utilisation is None:
                 missing.append("utilisation")
             if short_of_replicas:
-                estimated += ["throughput_rps", "utilisation"] if utilisation is not None else [
-                    "throughput_rps"
-                ]
+                estimated += (
+                    ["throughput_rps", "utilisation"]
+                    if utilisation is not None
+                    else ["throughput_rps"]
+                )
             service_pct = percentiles_dense(service)
             if service_pct is None:
                 missing.append("service_ms")
@@ -531,10 +545,12 @@ class WindowAggregator:
 
         # --- the queue, from JetStream.
         depth: int | None = None
+        arrived_total: int | None = None
         growth: float | None = None
         arrival: float | None = None
         if st.queue and st.queue[-1][0] == now and st.queue[-1][1] is not None:
             depth = st.queue[-1][1]
+            arrived_total = st.queue[-1][2]
         if depth is None:
             missing.append("queue_depth")
         growth = self._growth(st, now)
@@ -562,6 +578,7 @@ class WindowAggregator:
             throughput_rps=throughput,
             queue_depth=depth,
             queue_growth_per_s=growth,
+            arrived_total=arrived_total,
             utilisation=utilisation,
             service_ms=service_pct,
             sojourn_ms=sojourn_pct,

@@ -8,12 +8,19 @@ q the depth now and q' the depth one tick earlier (kept in `DemandState`):
     growth   g = (q - q') / dt                     (else the monitor's 10 s slope)
     capacity C = what the stage serves at its present scale (ready replicas x mu_1, and for a
                  GPU stage at most replicas x rho x mu_1: the shared token bucket's rate)
-    arrival  a = C' + g   when the stage is surging (C' the capacity at the previous tick,
-                          what served during this one: replicas that became ready at
-                          the tick's end did not drain its queue): a backlog of at least
-                          max(QUEUE_MIN, 2 x servers) that grew by SPIKE_FRACTION x C or more
-                          this tick, or that was there a tick ago too (busy all tick long, it
-                          completed C per second);
+    arrival  a = (n - n') / dt  when the stage is surging and the monitor gives its queue's
+                          arrival counter n (`arrived_total`, JetStream's count of what
+                          entered the queue; n' one tick earlier): what actually arrived
+                          this tick, exact and as fresh as the depth;
+               = C' + g   when surging without that counter (C' the capacity at the previous
+                          tick, what served during this one: replicas that became ready at
+                          the tick's end did not drain its queue). C' is a model: on a host
+                          whose CPUs are saturated the replicas serve less than ready x mu_1,
+                          and C' + g overstates the load (seen live: 54 rps for 24 offered),
+                          which is why the counter comes first.
+               Surging: a backlog of at least max(QUEUE_MIN, 2 x servers) that grew by
+                          SPIKE_FRACTION x C or more this tick, or that was there a tick ago
+                          too (busy all tick long);
                = the monitor's windowed arrival otherwise (a few requests waiting at a busy
                  stage are ordinary queueing, and C + g would overstate the load)
 
@@ -78,6 +85,8 @@ MAX_TICK_GAP = 3.0
 class DemandState:
     queues: tuple[tuple[str, float, int], ...] = ()
     """(stage, ts, depth) at the last call."""
+    arrived: tuple[tuple[str, float, int], ...] = ()
+    """(stage, ts, arrived_total) at the last call, where the monitor gave the counter."""
     capacities: tuple[tuple[str, float], ...] = ()
     """(stage, capacity rps) at the last call: what served during the tick since."""
     history: tuple[tuple[float, float], ...] = ()
@@ -178,6 +187,8 @@ def observe(
 ) -> tuple[Demand, DemandState]:
     """This tick's demand estimate, and the state for the next tick (see the module doc)."""
     prev = {name: (ts, q) for name, ts, q in state.queues}
+    prev_arrived = {name: (ts, n) for name, ts, n in state.arrived}
+    arrived: list[tuple[str, float, int]] = []
     prev_cap = dict(state.capacities)
     caps: list[tuple[str, float]] = []
     cur = {a.stage: a for a in current}
@@ -200,6 +211,12 @@ def observe(
             and 0 < now - p[0] <= MAX_TICK_GAP * spec.tick_s
         ):
             growth = (q - p[1]) / (now - p[0])
+        counted: float | None = None
+        if m.arrived_total is not None:
+            arrived.append((st.name, now, m.arrived_total))
+            pa = prev_arrived.get(st.name)
+            if pa is not None and 0 < now - pa[0] <= MAX_TICK_GAP * spec.tick_s:
+                counted = max(0, m.arrived_total - pa[1]) / (now - pa[0])
         active = m.replicas_ready + m.replicas_starting
         a = cur.get(st.name)
         cap = capacity_rps(
@@ -208,8 +225,10 @@ def observe(
         servers = max(1, m.replicas_ready) * st.concurrency
         backlog_min = max(QUEUE_MIN, 2 * servers)
         g = growth if growth is not None else 0.0
-        onset = cap is not None and q >= backlog_min and g >= max(
-            MIN_GROWTH_PER_S, SPIKE_FRACTION * cap
+        onset = (
+            cap is not None
+            and q >= backlog_min
+            and g >= max(MIN_GROWTH_PER_S, SPIKE_FRACTION * cap)
         )
         surge = surge or onset
         saturated = onset or (
@@ -219,7 +238,10 @@ def observe(
         if cap is not None:
             caps.append((st.name, cap))
         served = prev_cap.get(st.name, cap) if p is not None else cap
-        if saturated and served is not None:
+        if saturated and counted is not None:
+            arrival = counted
+            demand = max(demand, arrival + upstream_growth)
+        elif saturated and served is not None:
             arrival = max(0.0, served + g)
             if math.isfinite(arrival):
                 demand = max(demand, arrival + upstream_growth)
@@ -229,9 +251,7 @@ def observe(
     history = (*kept, (now, demand))
     windowed = state.windowed
     if telemetry.arrival_rate_rps is not None:
-        recent = [
-            (t, v) for t, v in windowed if now - t <= 2 * TREND_WINDOW_S + 1e-9 and t < now
-        ]
+        recent = [(t, v) for t, v in windowed if now - t <= 2 * TREND_WINDOW_S + 1e-9 and t < now]
         windowed = (*recent, (now, telemetry.arrival_rate_rps))
     burst = state.burst
     if burst is not None and now - burst[0] > burst_memory_s:
@@ -244,6 +264,7 @@ def observe(
     last_surge = now if surge else state.last_surge_s
     new_state = DemandState(
         queues=tuple(queues),
+        arrived=tuple(arrived),
         capacities=tuple(caps),
         history=history,
         windowed=windowed,

@@ -167,9 +167,10 @@ def test_fewer_replicas_than_expected_is_flagged() -> None:
     assert pre.replicas_ready == 3 and pre.replicas_desired == 3 and pre.reporting_replicas == 2
     assert "throughput_rps" in pre.estimated_fields
     assert t.degraded and t.stale_stages == []
-    assert not t.stage("infer").estimated_fields or "throughput_rps" not in t.stage(
-        "infer"
-    ).estimated_fields
+    assert (
+        not t.stage("infer").estimated_fields
+        or "throughput_rps" not in t.stage("infer").estimated_fields
+    )
     # Without a supervisor: a replica that vanished without draining is also missed.
     agg2 = WindowAggregator(SPEC, window_s=30)
     for k in range(10):
@@ -190,11 +191,15 @@ def test_queue_growth_and_arrival_rate() -> None:
     pre = agg.snapshot(16.0, {"pre": QueueObservation(depth=90, arrived_total=400)}).stage("pre")
     assert pre.queue_growth_per_s == pytest.approx(5.0)
     assert pre.arrival_rate_rps == pytest.approx(25.0)
+    assert pre.arrived_total == 400  # the counter as read this tick, for fresh differences
     assert "arrival_rate_rps" not in pre.estimated_fields
     # Consumer recreated: the counter goes back and only the part after the reset counts.
     agg.snapshot(18.0, {"pre": QueueObservation(depth=90, arrived_total=0)})
     pre = agg.snapshot(20.0, {"pre": QueueObservation(depth=90, arrived_total=60)}).stage("pre")
     assert pre.arrival_rate_rps == pytest.approx(30.0)
+    assert pre.arrived_total == 60
+    # A queue not read this tick: no depth and no counter (unknown, not 0).
+    assert agg.snapshot(22.0, {"pre": None}).stage("pre").arrived_total is None
 
 
 def test_arrival_rate_estimated_from_flow_conservation_without_counter() -> None:
@@ -226,8 +231,15 @@ def test_completions_p99_slo_attainment_and_failures() -> None:
             i * 0.1,
         )
     agg.add_completion(
-        Completion(request_id="bad", pipeline="p", created_ts_s=0, done_ts_s=1, e2e_ms=1.0,
-                   ok=False, error="boom"),
+        Completion(
+            request_id="bad",
+            pipeline="p",
+            created_ts_s=0,
+            done_ts_s=1,
+            e2e_ms=1.0,
+            ok=False,
+            error="boom",
+        ),
         9.95,
     )
     t = agg.snapshot(10.0)
@@ -275,8 +287,9 @@ def test_sojourn_is_wait_plus_service() -> None:
 
 def test_foreign_report_is_rejected() -> None:
     agg = WindowAggregator(SPEC)
-    other = WorkerReport(pipeline="q", stage="pre", worker_id="w", seq=1, state="ready",
-                         ts_s=0, interval_s=1)
+    other = WorkerReport(
+        pipeline="q", stage="pre", worker_id="w", seq=1, state="ready", ts_s=0, interval_s=1
+    )
     with pytest.raises(ValueError, match="does not belong"):
         agg.add_report(other, 1.0)
     with pytest.raises(ValueError, match="window_s"):
@@ -303,6 +316,7 @@ def test_rho_cut_moves_the_bottleneck_at_the_next_report() -> None:
                               service=[10.0] * 8, rho=1.0), k + 0.2)  # fmt: skip
         agg.add_report(report("post", "post-a", k, k, processed=8, busy_s=0.01,
                               service=[1.0] * 8), k + 0.3)  # fmt: skip
+
     def queues(t: float) -> dict[str, QueueObservation | None]:
         return {s: QueueObservation(1, int(8 * t)) for s in ("pre", "infer", "post")}
 
@@ -318,3 +332,32 @@ def test_rho_cut_moves_the_bottleneck_at_the_next_report() -> None:
     assert after.bottleneck == "infer"
     rho = after.stage("infer").rho  # the window's mean, still mostly the old value
     assert rho is not None and 0.1 < rho < 1.0
+
+
+def test_last_detector_inputs_and_answer_are_kept_for_diagnostics() -> None:
+    """The snapshot keeps what it fed the detector (service times rescaled to the current
+    rho, queue depths) and the detector's full answer, whose stage the telemetry names."""
+    agg = WindowAggregator(SPEC, window_s=10)
+    fresh = WindowAggregator(SPEC)
+    assert fresh.last_loads == () and fresh.last_bottleneck is None
+    for k in range(10):
+        agg.add_report(report("pre", "pre-a", k, k, processed=8, busy_s=0.48,
+                              service=[60.0] * 8), k + 0.1)  # fmt: skip
+        agg.add_report(report("infer", "inf-a", k, k, processed=8, busy_s=0.4,
+                              service=[50.0] * 8, rho=0.5), k + 0.2)  # fmt: skip
+        agg.add_report(report("post", "post-a", k, k, processed=8, busy_s=0.01,
+                              service=[1.0] * 8), k + 0.3)  # fmt: skip
+    queues = {s: QueueObservation(d, 80) for s, d in (("pre", 3), ("infer", 1), ("post", 0))}
+    agg.snapshot(9.0, {s: QueueObservation(q.depth, 72) for s, q in queues.items()})
+    t = agg.snapshot(10.0, queues)
+    loads = {ld.name: ld for ld in agg.last_loads}
+    assert list(loads) == ["pre", "infer", "post"]
+    assert loads["pre"].service_s == pytest.approx(0.060)
+    assert loads["infer"].service_s == pytest.approx(0.050)  # rho unchanged: as measured
+    assert loads["pre"].queue_depth == 3 and loads["post"].queue_depth == 0
+    assert loads["pre"].arrival_rps == pytest.approx(8.0)
+    assert agg.last_bottleneck is not None
+    assert agg.last_bottleneck.stage == t.bottleneck == "pre"
+    assert agg.last_bottleneck.confidence == t.bottleneck_confidence
+    assert set(agg.last_bottleneck.gains_ms) == {"pre", "infer", "post"}
+    assert agg.last_bottleneck.gains_ms["pre"] > agg.last_bottleneck.gains_ms["post"]

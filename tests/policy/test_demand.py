@@ -38,6 +38,34 @@ def test_saturated_stage_uses_the_capacity_that_served_the_tick() -> None:
     assert dict(s.capacities)["infer"] == pytest.approx(80.0)  # for the next tick
 
 
+def test_surging_stage_with_an_arrival_counter_uses_what_arrived() -> None:
+    """On a host whose CPUs are saturated the replicas serve far less than ready x mu_1, so
+    capacity + growth overstates the load (seen live: 54 rps for 24 offered). With the
+    queue's arrival counter the arrival is what entered the queue this tick."""
+    sp = f.spec()
+    t = f.with_stage(f.telemetry(sp=sp), "pre", queue_depth=40, replicas_ready=4,
+                     arrived_total=1048)  # fmt: skip
+    before = DemandState(queues=(("pre", 0.0, 20),), capacities=(("pre", 160.0),),
+                         arrived=(("pre", 0.0, 1000),))  # fmt: skip
+    d, s = observe(sp, t, before, 2.0, MU1, current_targets(sp, t), 30.0)
+    # 48 arrived in 2 s: 24 rps, not the model's 160 served + 10/s growth = 170
+    assert d.stages["pre"].arrival_rps == pytest.approx(24.0)
+    assert d.demand_rps == pytest.approx(24.0)
+    assert ("pre", 2.0, 1048) in s.arrived
+    # Without the previous counter (first tick, or a monitor that does not give it) the
+    # capacity model it is.
+    d, _ = observe(sp, t, DemandState(queues=(("pre", 0.0, 20),), capacities=(("pre", 160.0),)),
+                   2.0, MU1, current_targets(sp, t), 30.0)  # fmt: skip
+    assert d.stages["pre"].arrival_rps == pytest.approx(170.0)
+    # A stage that is not surging keeps the monitor's windowed arrival: a counter's tick-to-
+    # tick noise must not ratchet up the planned peak at a steady load.
+    calm = f.with_stage(f.telemetry(sp=sp), "pre", queue_depth=1, arrived_total=1060)
+    d, _ = observe(sp, calm, DemandState(queues=(("pre", 0.0, 1),), arrived=(("pre", 0.0, 1000),)),
+                   2.0, MU1, current_targets(sp, calm), 30.0)  # fmt: skip
+    assert d.stages["pre"].arrival_rps == pytest.approx(20.0)
+    assert d.demand_rps == pytest.approx(20.0)
+
+
 def test_flow_conservation_upstream_drain_is_not_new_demand() -> None:
     """A stage downstream of one draining its backlog sees more than the pipeline gets."""
     sp = f.spec()
