@@ -111,6 +111,11 @@ def up(
     retriever_engine: Annotated[
         str, typer.Option(help="Episode store: auto, numpy, qdrant-local or qdrant-server.")
     ] = "auto",
+    host_cap: Annotated[
+        bool,
+        typer.Option("--host-cap/--no-host-cap",
+                     help="Lower CPU stages' max_replicas to what this host's cores run."),
+    ] = True,
     nats_url: Annotated[
         str | None,
         typer.Option(envvar="SAIR_NATS_URL", help="Use this NATS instead of starting one."),
@@ -145,6 +150,7 @@ def up(
             duration_s=duration, seed=seed, workdir=workdir, nats_url=nats_url,
             redis_url=redis_url, qdrant_url=qdrant_url, nats_port=nats_port,
             redis_port=redis_port, advisory=advisory, retriever_engine=retriever_engine,
+            host_cap=host_cap,
         )  # fmt: skip
         loop = ClosedLoop(config)
     except (ClosedLoopError, ValueError) as exc:

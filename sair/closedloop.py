@@ -68,6 +68,7 @@ from schemas.messages import (
 )
 from schemas.pipeline import PipelineSpec, load_pipeline_spec
 
+from .hostcap import capped_spec_text
 from .liveview import RunRecord, plot_timeline
 from .runtime import ensure_core_streams, ensure_pipeline_streams
 from .stack import EmbeddedStack, ManagedServer, StackUrls, _die_with_parent
@@ -218,6 +219,11 @@ class ClosedLoopConfig:
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     """Extra command-line arguments per component name."""
     log_level: str = "INFO"
+    host_cap: bool = True
+    """Lower each CPU stage's max_replicas to what this host's cores can run side by side
+    (sair/hostcap.py); the capped spec is written to the workdir and used by everyone."""
+    host_cores: int | None = None
+    """Cores for `host_cap`; None = the cores this process may run on."""
 
     def workload_params(self, capacity_rps: float | None = None) -> dict[str, float]:
         return {**default_params(self.workload, self.duration_s, capacity_rps), **self.params}
@@ -440,6 +446,9 @@ class ClosedLoop:
         self.workdir = config.workdir.resolve()
         self.spec_file = spec_path(config.pipeline)
         self.spec: PipelineSpec = load_pipeline_spec(self.spec_file)
+        self.host_cap: list[str] = []
+        if config.host_cap:
+            self._cap_to_host(config.host_cores or len(os.sched_getaffinity(0)))
         if config.workload not in WORKLOADS:
             raise ClosedLoopError(
                 f"workload={config.workload!r}: must be one of {', '.join(WORKLOADS)}"
@@ -481,6 +490,22 @@ class ClosedLoop:
         self._watchdog: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ helpers
+
+    def _cap_to_host(self, cores: int) -> None:
+        """Use a copy of the spec whose CPU stages fit on this host (sair/hostcap.py)."""
+        text, changes = capped_spec_text(self.spec_file.read_text(), self.spec, cores)
+        if not changes:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        capped = self.workdir / f"{self.spec.name}.capped.toml"
+        capped.write_text(
+            f"# {self.spec_file} with CPU stages capped to this host's {cores} cores "
+            f"(sair up --no-host-cap to keep the original)\n{text}"
+        )
+        self.spec_file, self.spec = capped, load_pipeline_spec(capped)
+        self.host_cap = changes
+        for line in changes:
+            log.info("host cap: %s", line)
 
     @property
     def log_dir(self) -> Path:
@@ -936,6 +961,7 @@ class ClosedLoop:
             workdir=str(self.workdir),
             logs=str(self.log_dir),
             pids=self.started_pids(),
+            host_cap=self.host_cap,
             service_restarts={n: c.crash_restarts for n, c in self.components.items()
                               if c.crash_restarts},
         )  # fmt: skip
