@@ -8,6 +8,8 @@ post 1 replicas, utilisation about 0.7 on pre and infer):
 - `baseline`: a textbook event-by-event DES (one heap event per arrival and per service
   completion, same service draws model), the approach the engine replaces.
 Mean end-to-end latency of engine and baseline are printed side by side as a sanity check.
+A second `full` run times the telemetry producer (the monitor's aggregator) on its own:
+`monitor_s`, and `rest_s` = that run's wall time less it (engine, ground truth, policy).
 
     .venv/bin/python bench/sim_speed.py [--quick] [--duration-s 600] [--rate 200]
 
@@ -20,16 +22,17 @@ import argparse
 import heapq
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sair.loadgen.arrivals import arrivals
-from sair.sim.engine import Engine
+from sair.sim.adapters import MonitorTelemetry
+from sair.sim.engine import CompletionBatch, Engine, QueueState
 from sair.sim.profiles import PipelineProfile, reference_profile
 from sair.sim.run import derive_seed, poisson, run_simulation
-from schemas.messages import PipelineTelemetry, RetrievedEpisode, StageAction
+from schemas.messages import PipelineTelemetry, RetrievedEpisode, StageAction, WorkerReport
 from schemas.pipeline import PipelineSpec, load_pipeline_spec
 
 SCALE: dict[str, tuple[int, float | None]] = {
@@ -67,6 +70,26 @@ class FixedScale:
         targets = tuple(StageAction(stage=s, target_replicas=n, rho=r) for s, (n, r) in
                         SCALE.items())  # fmt: skip
         return _Decision(targets, False), True
+
+
+class TimedTelemetry:
+    """The run's default telemetry producer, timed (for the breakdown only)."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.inner = MonitorTelemetry(spec)
+        self.seconds = 0.0
+
+    def observe(
+        self,
+        now: float,
+        reports: Sequence[WorkerReport],
+        completions: Sequence[CompletionBatch],
+        queues: Mapping[str, QueueState],
+    ) -> PipelineTelemetry:
+        t0 = time.perf_counter()
+        out = self.inner.observe(now, reports, completions, queues)
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def steady_spec(spec: PipelineSpec) -> PipelineSpec:
@@ -164,6 +187,17 @@ def main() -> None:
     res = run_simulation(spec, prof, poisson(args.rate), FixedScale(), seed=1,
                          duration_s=duration, record_timeline=False)  # fmt: skip
     c3 = time.process_time()
+    timed: list[TimedTelemetry] = []
+
+    def producer(s: PipelineSpec) -> TimedTelemetry:
+        timed.append(TimedTelemetry(s))
+        return timed[-1]
+
+    res2 = run_simulation(
+        spec, prof, poisson(args.rate), FixedScale(), seed=1, duration_s=duration,
+        record_timeline=False, telemetry=producer,
+    )  # fmt: skip
+    monitor_s = timed[0].seconds
     out = {
         "speedup": round(duration / res.wall_s, 1),
         "engine_speedup": round(duration / e_wall, 1),
@@ -178,11 +212,15 @@ def main() -> None:
         "mean_e2e_ms_engine": round(e_mean, 2),
         "mean_e2e_ms_baseline": round(b_mean, 2),
         "p99_ms_full": None if res.p99_ms is None else round(res.p99_ms, 2),
+        "monitor_s": round(monitor_s, 3),
+        "rest_s": round(res2.wall_s - monitor_s, 3),
     }
     print(f"engine   {e_wall:7.3f} s wall  {out['engine_speedup']:>8}x  mean e2e {e_mean:.2f} ms")
     print(f"baseline {b_wall:7.3f} s wall  {out['baseline_speedup']:>8}x  mean e2e {b_mean:.2f} ms")
     print(f"full     {res.wall_s:7.3f} s wall  {out['speedup']:>8}x  (monitor + policy each tick)")
     print(f"cpu time: engine {c1 - c0:.3f} s, baseline {c2 - c1:.3f} s, full {c3 - c2:.3f} s")
+    print(f"full again {res2.wall_s:.3f} s wall: monitor {monitor_s:.3f} s, "
+          f"engine + truth + policy {res2.wall_s - monitor_s:.3f} s")  # fmt: skip
     print(json.dumps(out))
 
 

@@ -39,12 +39,9 @@ import numpy as np
 
 from schemas.histogram import (
     BUCKET_UPPER_BOUNDS_MS,
-    BUCKETS_PER_DECADE,
-    MIN_BOUND_MS,
     N_BUCKETS,
-    N_FINITE_BOUNDS,
     OVERFLOW_BUCKET,
-    LatencyHistogram,
+    bucket_index,
 )
 from schemas.messages import Completion, WorkerReport, WorkerState
 from schemas.pipeline import PipelineSpec, StageSpec
@@ -53,26 +50,25 @@ from .profiles import PipelineProfile, StageProfile
 
 POOL_SIZE = 4096
 """Service times are drawn this many at a time (numpy), then consumed one by one."""
-COMPACT_AFTER = 8192
-"""Consumed queue entries are dropped once this many have piled up at the head."""
 CHUNK = 2048
 """Queued requests looked at per step (an overloaded stage's backlog is not rescanned whole)."""
 
 _BOUNDS = np.asarray(BUCKET_UPPER_BOUNDS_MS)
+_LAST_BOUND = BUCKET_UPPER_BOUNDS_MS[-1]
 
 
 def bucket_indices(values_ms: np.ndarray) -> np.ndarray:
-    """`schemas.histogram.bucket_index` for an array of non-negative values (vectorised)."""
+    """`schemas.histogram.bucket_index` for an array of non-negative values (vectorised).
+
+    `bucket_index(v)` is the first bucket whose upper bound is >= v (its log10 estimate only
+    starts a search that corrects upwards): a binary search over the bounds. Above the last
+    finite bound `bucket_index` decides from the logarithm alone, so those rare values are
+    looked up one by one."""
     v = np.asarray(values_ms, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        raw = np.ceil(np.log10(np.maximum(v, 1e-300) / MIN_BOUND_MS) * BUCKETS_PER_DECADE - 1e-9)
-    idx = np.clip(raw, 0, N_FINITE_BOUNDS).astype(np.int64)
-    idx[v <= MIN_BOUND_MS] = 0
-    # As in bucket_index: a value just above its bucket's bound moves up one bucket.
-    inner = idx < N_FINITE_BOUNDS - 1
-    bump = inner & (v > _BOUNDS[np.minimum(idx, N_FINITE_BOUNDS - 1)])
-    idx[bump] += 1
-    idx[idx > N_FINITE_BOUNDS - 1] = OVERFLOW_BUCKET
+    idx = np.searchsorted(_BOUNDS, v, side="left")
+    if v.size and float(v.max()) > _LAST_BOUND:
+        for k in np.flatnonzero(idx == OVERFLOW_BUCKET).tolist():
+            idx[k] = bucket_index(float(v[k]))
     return idx
 
 
@@ -181,6 +177,7 @@ class _Stage:
     rng: np.random.Generator
     rho: float | None
     factor: float
+    bucketed: bool
     heap: list[tuple[float, int]] = field(default_factory=list)
     """(free time, replica id), one entry per server slot of every non-draining replica."""
     replicas: dict[int, _Replica] = field(default_factory=dict)
@@ -190,11 +187,14 @@ class _Stage:
     head: int = 0
     in_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
     in_j: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    in_sorted: bool = True
+    """Whether `in_t` (requests done upstream, not yet arrived here) is sorted by time."""
     pool: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pool_list: list[float] = field(default_factory=list)
     pos: int = 0
-    rec: list[tuple[np.ndarray, ...]] = field(default_factory=list)
-    """Started requests not yet reported: (rid, end, service s, wait s, token wait s)."""
+    rec: list[np.ndarray] = field(default_factory=list)
+    """Started requests not yet reported, (5, n) arrays with rows replica id, end, service s,
+    wait s, token wait s."""
     arrived_total: int = 0
     tokens: float = 0.0
     """GPU stages: launch tokens in the stage's shared bucket at `tok_t` (the live model)."""
@@ -244,11 +244,12 @@ class Engine:
         for i, st in enumerate(spec.stages):
             prof = profile.stage(st.name)
             rho = st.start_rho
-            factor = 1.0 if _bucketed(st, prof) else prof.scale(rho)
-            self.stages.append(_Stage(i, st, prof, rngs[i], rho, factor))
+            bucketed = _bucketed(st, prof)
+            factor = 1.0 if bucketed else prof.scale(rho)
+            self.stages.append(_Stage(i, st, prof, rngs[i], rho, factor, bucketed))
         for s in self.stages:
             self._add_replicas(s, s.spec.initial_replicas, startup_s=0.0)
-            if _bucketed(s.spec, s.profile):
+            if s.bucketed:
                 s.tokens = _burst(self._token_rate(s))
 
     # ------------------------------------------------------------------ control
@@ -280,7 +281,7 @@ class Engine:
                 self._remove_replicas(st, -diff)
 
     def _set_rho(self, st: _Stage, rho: float) -> None:
-        if _bucketed(st.spec, st.profile):  # the rate changes, the draws stay at full speed
+        if st.bucketed:  # the rate changes, the draws stay at full speed
             st.rho = rho
             return
         new = st.profile.scale(rho)
@@ -358,45 +359,44 @@ class Engine:
         for st in self.stages:
             # --- requests that reach this stage before t_end join its queue, in time order.
             if st.index == 0:
-                j1 = int(np.searchsorted(arr, t_end, side="left"))
+                j1 = int(arr.searchsorted(t_end))
                 if j1 > self._next_job:
                     self._enqueue(st, arr[self._next_job : j1],
                                   np.arange(self._next_job, j1, dtype=np.int64))  # fmt: skip
                     self._next_job = j1
             elif st.in_t.size:
-                now_mask = st.in_t < t_end
-                if now_mask.any():
-                    t_new = st.in_t[now_mask]
-                    order = np.argsort(t_new, kind="stable")
-                    self._enqueue(st, t_new[order], st.in_j[now_mask][order])
-                    keep = ~now_mask
-                    st.in_t = st.in_t[keep]
-                    st.in_j = st.in_j[keep]
+                if not st.in_sorted:  # by time, ties in the order they left the stage before
+                    order = st.in_t.argsort(kind="stable")
+                    st.in_t = st.in_t[order]
+                    st.in_j = st.in_j[order]
+                    st.in_sorted = True
+                j = int(st.in_t.searchsorted(t_end))
+                if j:
+                    self._enqueue(st, st.in_t[:j], st.in_j[:j])
+                    st.in_t = st.in_t[j:]
+                    st.in_j = st.in_j[j:]
             while st.head < st.wait_t.size and st.heap:
                 i0 = st.head
                 i1 = min(st.wait_t.size, i0 + CHUNK)
                 svc: np.ndarray | None = None
-                if _bucketed(st.spec, st.profile):
+                if st.bucketed:
                     starts, rids, svc = self._serve_bucket(st, i0, i1, t_end)
                 elif len(st.heap) == 1:
                     starts, rids = self._serve_single(st, i0, i1, t_end)
                 else:
                     starts, rids = self._serve_multi(st, i0, i1, t_end)
-                m = starts.size
-                if m == 0:
+                if starts.size == 0:
                     break
                 self._commit(st, i0, starts, rids, last, svc)
                 if st.head < i1:
                     break
-            if st.head > COMPACT_AFTER:
-                st.wait_t = st.wait_t[st.head :]
-                st.wait_j = st.wait_j[st.head :]
-                st.head = 0
 
     @staticmethod
     def _enqueue(st: _Stage, times: np.ndarray, jobs: np.ndarray) -> None:
-        st.wait_t = np.concatenate((st.wait_t, times))
-        st.wait_j = np.concatenate((st.wait_j, jobs))
+        """Append arrivals to the stage's queue (dropping the requests already started)."""
+        st.wait_t = np.concatenate((st.wait_t[st.head :], times))
+        st.wait_j = np.concatenate((st.wait_j[st.head :], jobs))
+        st.head = 0
         st.arrived_total += int(times.size)
 
     @staticmethod
@@ -435,24 +435,9 @@ class Engine:
         self._draws(st, i1 - i0)
         if not st.pool_list:
             st.pool_list = st.pool.tolist()
-        heap = st.heap
-        wait_t = st.wait_t[i0:i1].tolist()
-        pool = st.pool_list
-        p = st.pos
-        starts: list[float] = []
-        rids: list[int] = []
-        push = starts.append
-        push_rid = rids.append
-        replace = heapq.heapreplace
-        for a in wait_t:
-            f, rid = heap[0]
-            start = a if a > f else f
-            if start >= t_end:
-                break
-            replace(heap, (start + pool[p], rid))
-            p += 1
-            push(start)
-            push_rid(rid)
+        starts, rids = _heap_fcfs(
+            st.heap, st.wait_t[i0:i1].tolist(), st.pool_list[st.pos : st.pos + (i1 - i0)], t_end
+        )
         return np.asarray(starts), np.asarray(rids, dtype=np.int64)
 
     def _token_rate(self, st: _Stage) -> float:
@@ -464,7 +449,7 @@ class Engine:
     def _true_mean_service_s(self, st: _Stage) -> float:
         """Mean service time per server as capacity sees it. A bucketed GPU stage runs at full
         speed until its token rate binds: per server, min(1/S, rho x full speed / (L x conc))."""
-        if not _bucketed(st.spec, st.profile):
+        if not st.bucketed:
             return st.profile.mean_s(st.rho)
         full_s = st.profile.mean_s(1.0)
         per_server_rate = self._token_rate(st) / max(1, st.active) / st.spec.concurrency
@@ -475,40 +460,28 @@ class Engine:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A GPU stage as the live one works: a request runs at full speed while the stage's
         shared token bucket (rate R, burst of BURST_WINDOW_S x R) holds its launches; the
-        launches it lacks wait for the refill, in start order across replicas."""
-        self._draws(st, i1 - i0)
+        launches it lacks wait for the refill, in start order across replicas.
+
+        Only the requests that did wait get a new service time; the others keep their draw
+        (a view of the pool, as on the other stages)."""
+        n = i1 - i0
+        self._draws(st, n)
         if not st.pool_list:
             st.pool_list = st.pool.tolist()
         prof = st.profile
-        need = float(prof.launches)
-        host = prof.fixed_ms / prof.mean_ms
         rate = self._token_rate(st)
-        burst = _burst(rate)
-        heap, pool, p = st.heap, st.pool_list, st.pos
-        starts: list[float] = []
-        rids: list[int] = []
-        svc: list[float] = []
-        for a in st.wait_t[i0:i1].tolist():
-            f, rid = heap[0]
-            start = a if a > f else f
-            if start >= t_end:
-                break
-            s = pool[p]
-            if start >= st.tok_t:
-                st.tokens = min(burst, st.tokens + rate * (start - st.tok_t))
-                st.tok_t = start
-            if st.tokens >= need:
-                st.tokens -= need
-            else:  # the missing launches come at the refill rate, after earlier takers
-                ready = max(st.tok_t, start) + (need - st.tokens) / rate
-                s = max(s, s * host + ready - start)
-                st.tokens, st.tok_t = 0.0, ready
-            heapq.heapreplace(heap, (start + s, rid))
-            p += 1
-            starts.append(start)
-            rids.append(rid)
-            svc.append(s)
-        return np.asarray(starts), np.asarray(rids, dtype=np.int64), np.asarray(svc)
+        starts_l, rids_l, late, st.tokens, st.tok_t = _bucket_fcfs(
+            st.heap, st.wait_t[i0:i1].tolist(), st.pool_list[st.pos : st.pos + n], t_end,
+            st.tokens, st.tok_t, float(prof.launches), rate, _burst(rate),
+            prof.fixed_ms / prof.mean_ms,
+        )  # fmt: skip
+        m = len(starts_l)
+        svc = st.pool[st.pos : st.pos + m]
+        if late:
+            svc = svc.copy()
+            for i, s in late:
+                svc[i] = s
+        return np.asarray(starts_l), np.asarray(rids_l, dtype=np.int64), svc
 
     def _commit(self, st: _Stage, i0: int, start: np.ndarray, rids: np.ndarray, last: int,
                 svc: np.ndarray | None = None) -> None:  # fmt: skip
@@ -519,14 +492,21 @@ class Engine:
         s = drawn if svc is None else svc
         st.pos += m
         st.head = i1
-        end = start + s
         jobs = st.wait_j[i0:i1]
-        wait = start - st.wait_t[i0:i1]
+        # One (5, m) array: replica id (exact in a float), end, service s, wait s, token wait s.
+        rec = np.empty((5, m))
+        rec[0] = rids
+        end = rec[1]
+        np.add(start, s, out=end)
+        rec[2] = s
+        np.subtract(start, st.wait_t[i0:i1], out=rec[3])
         if svc is not None:
-            token_wait = svc - drawn
+            np.subtract(svc, drawn, out=rec[4])
+        elif st.factor != 1.0:
+            np.multiply(s, 1.0 - 1.0 / st.factor, out=rec[4])
         else:
-            token_wait = s * (1.0 - 1.0 / st.factor) if st.factor != 1.0 else np.zeros(m)
-        st.rec.append((rids, end, s, wait, token_wait))
+            rec[4] = 0.0
+        st.rec.append(rec)
         self.stage_ms[st.index, jobs] = s * 1000.0
         if st.index == last:
             self.done_s[jobs] = end
@@ -535,6 +515,7 @@ class Engine:
             nxt = self.stages[st.index + 1]
             nxt.in_t = np.concatenate((nxt.in_t, end))
             nxt.in_j = np.concatenate((nxt.in_j, jobs))
+            nxt.in_sorted = False
 
     # ------------------------------------------------------------------ reports
 
@@ -543,31 +524,22 @@ class Engine:
     ) -> None:
         # Requests completed before `now`, every stage at once (replica ids are global), so
         # the per-replica sums and histograms cost one numpy pass per report boundary.
-        done_parts: list[tuple[np.ndarray, ...]] = []
+        parts: list[np.ndarray] = []
         for st in self.stages:
             if not st.rec:
                 continue
-            cols = (
-                [np.concatenate(c) for c in zip(*st.rec, strict=True)]
-                if len(st.rec) > 1
-                else list(st.rec[0])
-            )
+            cols = st.rec[0] if len(st.rec) == 1 else np.concatenate(st.rec, axis=1)
             done = cols[1] <= now
             if done.all():
                 st.rec = []
-                done_parts.append(tuple(cols))
+                parts.append(cols)
             else:
-                rest = ~done
-                st.rec = [tuple(c[rest] for c in cols)]
+                st.rec = [cols[:, ~done]]
                 if done.any():
-                    done_parts.append(tuple(c[done] for c in cols))
+                    parts.append(cols[:, done])
         per_rid: dict[int, _Sums] = {}
-        if done_parts:
-            if len(done_parts) == 1:
-                rid, _, s, wait, tw = done_parts[0]
-            else:
-                rid, _, s, wait, tw = (np.concatenate(c) for c in zip(*done_parts, strict=True))
-            per_rid = _group(rid, s, wait, tw)
+        if parts:
+            per_rid = _group(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
         for st in self.stages:
             self._stage_reports(st, now, per_rid, reports)
         if self._completions_pending:
@@ -598,6 +570,7 @@ class Engine:
             if t > now:
                 busy_slots[rid] = busy_slots.get(rid, 0) + 1
         launches = st.profile.launches
+        pipeline, stage = self.spec.name, st.spec.name
         finished: list[int] = []
         for r in st.replicas.values():
             interval = now - r.last_report_s
@@ -612,26 +585,27 @@ class Engine:
             else:
                 state = "starting" if r.ready_s > now else "ready"
                 in_flight = 0 if r.ready_s > now else busy_slots.get(r.rid, 0)
-            got = per_rid.get(r.rid, _NO_WORK)
-            processed, busy_s, svc, svc_sum, wq, wq_sum, tw_s = got
-            # Validated construction: as fast as model_construct here, and never invalid.
+            processed, busy_s, svc, svc_sum, wq, wq_sum, tw_s = per_rid.get(r.rid, _NO_WORK)
+            # Validated (one pydantic-core call for the report and its two histograms).
             out.append(
-                WorkerReport(
-                    pipeline=self.spec.name,
-                    stage=st.spec.name,
-                    worker_id=r.worker_id,
-                    seq=r.seq,
-                    state=state,
-                    ts_s=now,
-                    interval_s=interval,
-                    processed=processed,
-                    in_flight=in_flight,
-                    busy_s=busy_s,
-                    service_ms=LatencyHistogram(counts=svc, sum_ms=svc_sum),
-                    queue_wait_ms=LatencyHistogram(counts=wq, sum_ms=wq_sum),
-                    rho=st.rho,
-                    gpu_tokens_used=launches * processed,
-                    gpu_token_wait_s=tw_s,
+                WorkerReport.model_validate(
+                    {
+                        "pipeline": pipeline,
+                        "stage": stage,
+                        "worker_id": r.worker_id,
+                        "seq": r.seq,
+                        "state": state,
+                        "ts_s": now,
+                        "interval_s": interval,
+                        "processed": processed,
+                        "in_flight": in_flight,
+                        "busy_s": busy_s,
+                        "service_ms": {"counts": svc, "sum_ms": svc_sum},
+                        "queue_wait_ms": {"counts": wq, "sum_ms": wq_sum},
+                        "rho": st.rho,
+                        "gpu_tokens_used": launches * processed,
+                        "gpu_token_wait_s": tw_s,
+                    }
                 )
             )
             r.seq += 1
@@ -651,9 +625,10 @@ class Engine:
             out[st.spec.name] = QueueState(waiting + in_service, st.arrived_total)
         return out
 
-    def true_stages(self) -> list[TrueStage]:
-        """Ground truth for scoring (never passed to a policy)."""
-        q = self.queues()
+    def true_stages(self, queues: Mapping[str, QueueState] | None = None) -> list[TrueStage]:
+        """Ground truth for scoring (never passed to a policy); `queues`: `queues()` if the
+        caller already has it for this instant."""
+        q = self.queues() if queues is None else queues
         out: list[TrueStage] = []
         for st in self.stages:
             alive = [r for r in st.replicas.values() if not r.draining]
@@ -695,39 +670,121 @@ class Engine:
         return total
 
 
+def _heap_fcfs(
+    heap: list[tuple[float, int]], wait_t: list[float], svc: list[float], t_end: float
+) -> tuple[list[float], list[int]]:
+    """FCFS on the earliest-free server (Kiefer-Wolfowitz) for the queued requests that start
+    before `t_end`: start = max(arrival, earliest free), one heap operation per request.
+    `svc[i]` is request i's service time; `heap` is updated in place."""
+    starts: list[float] = []
+    rids: list[int] = []
+    push = starts.append
+    push_rid = rids.append
+    replace = heapq.heapreplace
+    for a, s in zip(wait_t, svc, strict=False):
+        f, rid = heap[0]
+        start = a if a > f else f
+        if start >= t_end:
+            break
+        replace(heap, (start + s, rid))
+        push(start)
+        push_rid(rid)
+    return starts, rids
+
+
+def _bucket_fcfs(
+    heap: list[tuple[float, int]],
+    wait_t: list[float],
+    svc: list[float],
+    t_end: float,
+    tokens: float,
+    tok_t: float,
+    need: float,
+    rate: float,
+    burst: float,
+    host: float,
+) -> tuple[list[float], list[int], list[tuple[int, float]], float, float]:
+    """`_heap_fcfs` through the stage's shared token bucket (see `Engine._serve_bucket`):
+    starts, replica ids, (index, stretched service time) of the requests that waited for
+    launches, and the bucket's level and its time after the last start."""
+    starts: list[float] = []
+    rids: list[int] = []
+    late: list[tuple[int, float]] = []
+    push = starts.append
+    push_rid = rids.append
+    replace = heapq.heapreplace
+    for a, s in zip(wait_t, svc, strict=False):
+        f, rid = heap[0]
+        start = a if a > f else f
+        if start >= t_end:
+            break
+        if start >= tok_t:
+            tokens += rate * (start - tok_t)
+            if tokens > burst:
+                tokens = burst
+            tok_t = start
+        if tokens >= need:
+            tokens -= need
+        else:  # the missing launches come at the refill rate, after earlier takers
+            ready = (tok_t if tok_t > start else start) + (need - tokens) / rate
+            stretched = s * host + ready - start
+            if stretched > s:
+                s = stretched
+                late.append((len(starts), s))
+            tokens = 0.0
+            tok_t = ready
+        replace(heap, (start + s, rid))
+        push(start)
+        push_rid(rid)
+    return starts, rids, late, tokens, tok_t
+
+
 _Sums = tuple[int, float, dict[int, int], float, dict[int, int], float, float]
 """Per replica: processed, busy s, service-ms counts and sum, wait-ms counts and sum,
 token wait s."""
 _NO_WORK: _Sums = (0, 0.0, {}, 0.0, {}, 0.0, 0.0)
 
 
-def _group(rid: np.ndarray, s: np.ndarray, wait: np.ndarray, tw: np.ndarray) -> dict[int, _Sums]:
-    """Sum completed requests per replica (one numpy pass for all replicas)."""
-    uniq, inv = np.unique(rid, return_inverse=True)
+def _group(rec: np.ndarray) -> dict[int, _Sums]:
+    """Sum completed requests per replica (one numpy pass for all replicas); `rec` as in
+    `_Stage.rec`, rows replica id, end, service s, wait s, token wait s."""
+    rid = rec[0].astype(np.int64)
+    n = rid.size
+    if n == 0:
+        return {}
+    # Replica ids are small non-negative ints: a bincount and a lookup instead of a sort.
+    present = np.bincount(rid)
+    uniq = np.flatnonzero(present)
     k = uniq.size
-    s_ms = s * 1000.0
-    w_ms = np.maximum(0.0, wait * 1000.0)
-    n = s.size
+    inv = rid if k == present.size else (np.cumsum(present > 0) - 1)[rid]
+    # Rows: service s, service ms, wait ms, token wait s; summed per replica in one bincount
+    # (each sum adds its requests in the same order as a bincount of its own).
+    v = np.empty((4, n))
+    v[0] = rec[2]
+    np.multiply(rec[2], 1000.0, out=v[1])
+    np.multiply(rec[3], 1000.0, out=v[2])
+    np.maximum(0.0, v[2], out=v[2])
+    v[3] = rec[4]
+    sums = np.bincount((inv + np.arange(0, 4 * k, k)[:, None]).ravel(), weights=v.ravel(),
+                       minlength=4 * k).reshape(4, k).tolist()  # fmt: skip
+    busy, s_sum, w_sum, tw_sum = sums
     # Both histograms in one bincount: row = replica, then service buckets, then wait buckets.
-    b = bucket_indices(np.concatenate((s_ms, w_ms)))
-    key = np.concatenate((inv * (2 * N_BUCKETS) + b[:n], inv * (2 * N_BUCKETS) + N_BUCKETS + b[n:]))
-    counts = np.bincount(key, minlength=k * 2 * N_BUCKETS).reshape(k, 2 * N_BUCKETS)
-    weights = np.stack((s, s_ms, w_ms, tw))
-    sums = np.stack([np.bincount(inv, weights=w, minlength=k) for w in weights])
-    processed = np.bincount(inv, minlength=k).tolist()
-    busy, s_sum, w_sum, tw_sum = sums.tolist()
-    nz_r, nz_c = np.nonzero(counts)
-    vals = counts[nz_r, nz_c].tolist()
-    hists: list[tuple[dict[int, int], dict[int, int]]] = [({}, {}) for _ in range(k)]
-    for r, c, v in zip(nz_r.tolist(), nz_c.tolist(), vals, strict=True):
-        if c < N_BUCKETS:
-            hists[r][0][c] = v
-        else:
-            hists[r][1][c - N_BUCKETS] = v
+    key = bucket_indices(v[1:3].ravel()).reshape(2, n)
+    key += inv * (2 * N_BUCKETS)
+    key[1] += N_BUCKETS
+    counts = np.bincount(key.ravel(), minlength=k * 2 * N_BUCKETS)
+    # Non-zero cells in (replica, service | wait, bucket) order; each replica's two
+    # histograms are runs of them, cut where the flat index crosses a multiple of N_BUCKETS.
+    flat = np.flatnonzero(counts)
+    cuts = np.searchsorted(flat, np.arange(0, (2 * k + 1) * N_BUCKETS, N_BUCKETS)).tolist()
+    buckets = (flat % N_BUCKETS).tolist()
+    vals = counts[flat].tolist()
+    processed = present[uniq].tolist()
     out: dict[int, _Sums] = {}
     for i, r in enumerate(uniq.tolist()):
+        a, m, z = cuts[2 * i], cuts[2 * i + 1], cuts[2 * i + 2]
         out[r] = (
-            processed[i], busy[i], hists[i][0], s_sum[i], hists[i][1], w_sum[i],
-            max(0.0, tw_sum[i]),
+            processed[i], busy[i], dict(zip(buckets[a:m], vals[a:m], strict=False)), s_sum[i],
+            dict(zip(buckets[m:z], vals[m:z], strict=False)), w_sum[i], max(0.0, tw_sum[i]),
         )  # fmt: skip
     return out

@@ -259,7 +259,7 @@ def run_simulation(
         arrived_rps = (arrived - prev_arrived) / dt if dt > 0 else 0.0
         prev_arrived = arrived
         demand = load if load is not None else arrived_rps
-        truth = true_bottleneck(engine.true_stages(), demand, conc, truth_horizon_s)
+        truth = true_bottleneck(engine.true_stages(queues), demand, conc, truth_horizon_s)
 
         retrieved: Sequence[RetrievedEpisode] = ()
         if retriever is not None and (wants is None or wants(spec, state, now)):
