@@ -10,7 +10,12 @@ the simulator), nothing here reads a clock or does I/O.
     telemetry = agg.snapshot(now, queues={"infer": QueueObservation(depth, arrived_total)})
 
 Reports are folded into one-second slots per stage as they arrive (sparse histogram counts
-added, sums kept), so a snapshot costs O(stages x window slots), whatever the report rate.
+added, sums kept). Each stage also keeps the window's totals: counts and histograms are added
+when a slot's contents are folded in and subtracted when the slot leaves the window (integers:
+exact), float sums are one numpy reduction over per-slot rows kept in slot order (the same
+additions, in the same order, as a loop over the slots). Percentiles are recomputed only when
+a stage's histograms changed. A snapshot costs O(stages + slots that changed), whatever the
+report rate and the window length.
 Data-quality rules (docs/monitor.md): None means unknown, never an invented 0; a stage whose
 last report is older than `stale_after_s` is stale and its report-derived figures are None;
 figures built from fewer replicas than expected, or inferred rather than measured, are named
@@ -23,12 +28,14 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from schemas.histogram import N_BUCKETS, bucket_index
 from schemas.messages import (
     Completion,
+    Percentiles,
     PipelineTelemetry,
     ReplicaStatus,
     StageMetrics,
@@ -37,7 +44,7 @@ from schemas.messages import (
 from schemas.pipeline import PipelineSpec, StageSpec
 
 from .bottleneck import Bottleneck, StageLoad, detect_bottleneck
-from .histo import bucket_indices, convolve_dense, percentiles_dense
+from .histo import bucket_indices, percentiles_cum, sojourn_percentiles
 
 SLOT_S = 1.0
 DEFAULT_WINDOW_S = 30.0
@@ -86,11 +93,101 @@ class _Slot:
     # tick made the garbage collector, and so the parse, twice as slow.
     pending_service: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
     pending_wait: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+    row: int = -1
+    """The slot's row in its stage's `_FloatRows` (-1: none yet)."""
 
-    def fold(self) -> None:
-        """Fold the pending histogram counts into `service` and `queue_wait`."""
-        self.service = fold_pending(self.pending_service, self.service)
-        self.queue_wait = fold_pending(self.pending_wait, self.queue_wait)
+    def fold(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Fold the pending histogram counts into `service` and `queue_wait`; returns what was
+        added to each (None: nothing), to be read, never changed (it may be the slot's own)."""
+        service = pending_counts(self.pending_service)
+        if service is not None:
+            self.service = service if self.service is None else self.service + service
+        wait = pending_counts(self.pending_wait)
+        if wait is not None:
+            self.queue_wait = wait if self.queue_wait is None else self.queue_wait + wait
+        return service, wait
+
+    def floats(self) -> tuple[float, float, float, float, float, float, float]:
+        """The float sums, in `_FloatRows` column order."""
+        return (
+            self.busy_s,
+            self.interval_s,
+            self.token_wait_s,
+            self.rho_x_interval,
+            self.rho_interval_s,
+            self.service_sum_ms,
+            self.service_x_rho_ms,
+        )
+
+
+_N_FLOATS = 7
+"""Columns of `_FloatRows`: busy, interval, token wait, rho x interval, rho interval, service
+sum, service sum x rho."""
+
+
+class _FloatRows:
+    """A stage's per-slot float sums as the rows of one matrix, in slot creation order.
+
+    The window's float totals are one numpy reduction down the rows, which adds them in row
+    order, one after the other, exactly as a Python loop over the slots in creation order
+    does: a slot that left the window leaves a zero row (and x + 0.0 == x), so the totals
+    are those of a recomputation, bit for bit, with no drift or cancellation (as running
+    add-and-subtract float totals would have) and no Python loop over the slots.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.m = np.zeros((capacity, _N_FLOATS))
+        self.owners: list[_Slot | None] = [None] * capacity
+        self.head = 0
+        """Rows before it are free."""
+        self.tail = 0
+        """The next row to hand out."""
+
+    def write(self, slot: _Slot) -> None:
+        """Put the slot's current sums in its row (a new slot gets the next row)."""
+        row = slot.row
+        if row < 0:
+            if self.tail == len(self.owners):
+                self._compact()
+            row = slot.row = self.tail
+            self.owners[row] = slot
+            self.tail += 1
+        self.m[row] = slot.floats()
+
+    def drop(self, slot: _Slot) -> None:
+        """The slot left the window: zero its row."""
+        row = slot.row
+        if row < 0:
+            return
+        self.m[row] = 0.0
+        self.owners[row] = None
+        slot.row = -1
+        owners = self.owners
+        while self.head < self.tail and owners[self.head] is None:
+            self.head += 1
+        if self.head == self.tail:
+            self.head = self.tail = 0
+
+    def _compact(self) -> None:
+        """Move the rows in use to the top, in order (twice the room when over half full)."""
+        live = [s for s in self.owners[self.head : self.tail] if s is not None]
+        capacity = len(self.owners)
+        if 2 * len(live) > capacity:
+            capacity *= 2
+        m = np.zeros((capacity, _N_FLOATS))
+        if live:
+            m[: len(live)] = self.m[[s.row for s in live]]
+        owners: list[_Slot | None] = [None] * capacity
+        for row, s in enumerate(live):
+            s.row = row
+            owners[row] = s
+        self.m, self.owners, self.head, self.tail = m, owners, 0, len(live)
+
+    def sums(self) -> list[float]:
+        if self.head == self.tail:
+            return [0.0] * _N_FLOATS
+        out: list[float] = self.m[self.head : self.tail].sum(axis=0).tolist()
+        return out
 
 
 @dataclass
@@ -115,11 +212,19 @@ class _CompletionSlot:
     pending: list[int] = field(default_factory=list)
     """Bucket indices of single completions not yet folded into `e2e`."""
 
-    def fold(self) -> None:
-        if self.pending:
-            counts = np.bincount(np.asarray(self.pending, dtype=np.intp), minlength=N_BUCKETS)
-            self.e2e = counts if self.e2e is None else self.e2e + counts
-            self.pending.clear()
+    def fold(self) -> np.ndarray | None:
+        """Fold the pending completions into `e2e`; returns what was added (None: nothing),
+        to be read, never changed (it may be the slot's own)."""
+        if not self.pending:
+            return None
+        counts = np.bincount(np.asarray(self.pending, dtype=np.intp), minlength=N_BUCKETS)
+        self.e2e = counts if self.e2e is None else self.e2e + counts
+        self.pending.clear()
+        return counts
+
+
+def _zeros() -> np.ndarray:
+    return np.zeros(N_BUCKETS, dtype=np.int64)
 
 
 @dataclass
@@ -129,6 +234,36 @@ class _StageState:
     first_report_s: float | None = None
     last_report_s: float | None = None
     queue: deque[tuple[float, int | None, int | None]] = field(default_factory=deque)
+    # The window's totals: the sum of every slot in `slots` (histograms: of what is folded).
+    dirty: dict[int, _Slot] = field(default_factory=dict)
+    """Slots with reports since the last snapshot (histograms to fold, float rows to write)."""
+    reports: int = 0
+    lost_reports: int = 0
+    processed: int = 0
+    service_without_rho: int = 0
+    service: np.ndarray = field(default_factory=_zeros)
+    queue_wait: np.ndarray = field(default_factory=_zeros)
+    floats: _FloatRows = field(default_factory=_FloatRows)
+    version: int = 0
+    """Changes whenever `service` or `queue_wait` does (keys the percentile cache)."""
+    cached: tuple[int, Percentiles | None, int, Percentiles | None] | None = None
+    """(version, service percentiles, service samples, sojourn percentiles)."""
+
+
+class _Window(NamedTuple):
+    """A stage's sums over the window's slots."""
+
+    reports: int
+    lost_reports: int
+    processed: int
+    service_without_rho: int
+    busy_s: float
+    interval_s: float
+    token_wait_s: float
+    rho_x_interval: float
+    rho_interval_s: float
+    service_sum_ms: float
+    service_x_rho_ms: float
 
 
 class WindowAggregator:
@@ -163,6 +298,14 @@ class WindowAggregator:
         self._stages: dict[str, _StageState] = {s.name: _StageState(s) for s in spec.stages}
         self._workers: dict[tuple[str, str], _Worker] = {}
         self._completions: dict[int, _CompletionSlot] = {}
+        # The completion window's totals (the sum of every slot in `_completions`).
+        self._dirty_completions: dict[int, _CompletionSlot] = {}
+        self._n = 0
+        self._n_ok = 0
+        self._n_within_slo = 0
+        self._e2e = _zeros()
+        self._e2e_version = 0
+        self._e2e_cached: tuple[int, Percentiles | None] | None = None
         self._replicas: ReplicaStatus | None = None
         self._replicas_seen_s: float | None = None
         self._started_s: float | None = None
@@ -233,11 +376,16 @@ class WindowAggregator:
         idx = int(now // SLOT_S)
         slot = st.slots.get(idx)
         if slot is None:
-            slot = st.slots[idx] = _Slot()
+            slot = st.slots[idx] = st.dirty[idx] = _Slot()
+        elif idx not in st.dirty:
+            st.dirty[idx] = slot
         slot.reports += 1
+        st.reports += 1
         if lost:
             slot.lost_reports += lost
+            st.lost_reports += lost
         slot.processed += report.processed
+        st.processed += report.processed
         slot.failed += report.failed
         interval = report.interval_s
         slot.busy_s += report.busy_s
@@ -258,6 +406,7 @@ class WindowAggregator:
                 slot.service_x_rho_ms += hist.sum_ms * rho
             else:
                 slot.service_without_rho += 1
+                st.service_without_rho += 1
         counts = report.queue_wait_ms.counts
         if counts:
             keys, values = slot.pending_wait
@@ -278,11 +427,15 @@ class WindowAggregator:
         if slot is None:
             slot = self._completions[idx] = _CompletionSlot()
         slot.n += 1
+        self._n += 1
         if completion.ok:
             slot.n_ok += 1
+            self._n_ok += 1
             if completion.e2e_ms <= self.spec.slo_p99_ms:
                 slot.n_within_slo += 1
+                self._n_within_slo += 1
             slot.pending.append(bucket_index(completion.e2e_ms))
+            self._dirty_completions[idx] = slot
 
     def add_completions(
         self,
@@ -300,40 +453,67 @@ class WindowAggregator:
         n = int(e2e.size)
         if n == 0:
             return
-        seen = np.broadcast_to(np.asarray(now_s, dtype=np.float64), e2e.shape)
-        if not np.isfinite(seen).all():
+        seen = np.asarray(now_s, dtype=np.float64)
+        if seen.shape != e2e.shape:
+            seen = np.broadcast_to(seen, e2e.shape)
+        # min/max are NaN when any value is: one check each for finite (and >= 0).
+        lo_s, hi_s = float(seen.min()), float(seen.max())
+        if not (math.isfinite(lo_s) and math.isfinite(hi_s)):
             raise ValueError(f"now_s={float(seen[~np.isfinite(seen)][0])!r} must be finite")
-        good = (
-            np.ones(n, dtype=bool)
-            if ok is None
-            else np.broadcast_to(np.asarray(ok, dtype=bool), e2e.shape)
-        )
-        bad = ~(np.isfinite(e2e) & (e2e >= 0))
-        if bad.any():
+        lo, hi = float(e2e.min()), float(e2e.max())
+        if not (lo >= 0 and hi < math.inf):
+            bad = ~(np.isfinite(e2e) & (e2e >= 0))
             raise ValueError(f"e2e_ms={float(e2e[bad][0])!r} must be finite and >= 0")
-        buckets = bucket_indices(e2e[good])
+        if ok is None:
+            good: np.ndarray | None = None
+            e2e_ok = e2e
+        else:
+            good = np.broadcast_to(np.asarray(ok, dtype=bool), e2e.shape)
+            e2e_ok = e2e[good]
+        buckets = bucket_indices(e2e_ok, validate=False)
         self._mark_start(float(seen[0]))
         self.completions_total += n
+        slo = self.spec.slo_p99_ms
+        first = int(lo_s // SLOT_S)
+        if first == int(hi_s // SLOT_S):
+            # All in one slot (the usual batch): no per-slot split.
+            n_ok = int(e2e_ok.size)
+            within = int(np.count_nonzero(e2e_ok <= slo)) if n_ok else 0
+            hist = np.bincount(buckets, minlength=N_BUCKETS) if n_ok else None
+            self._add_completion_slot(first, n, n_ok, within, hist)
+            return
         slots = np.floor_divide(seen, SLOT_S).astype(np.int64)
         first = int(slots.min())
         rel = slots - first
         n_slots = int(rel.max()) + 1
         per_slot = np.bincount(rel, minlength=n_slots)
-        ok_rel = rel[good]
-        ok_slot = np.bincount(ok_rel, minlength=n_slots)
-        within = np.bincount(ok_rel[e2e[good] <= self.spec.slo_p99_ms], minlength=n_slots)
-        hist = np.bincount(ok_rel * N_BUCKETS + buckets, minlength=n_slots * N_BUCKETS)
-        hist = hist.reshape(n_slots, N_BUCKETS)
+        ok_rel = rel if good is None else rel[good]
+        ok_slot = per_slot if good is None else np.bincount(ok_rel, minlength=n_slots)
+        within_slot = np.bincount(ok_rel[e2e_ok <= slo], minlength=n_slots)
+        hists = np.bincount(ok_rel * N_BUCKETS + buckets, minlength=n_slots * N_BUCKETS)
+        hists = hists.reshape(n_slots, N_BUCKETS)
+        per, oks, withins = per_slot.tolist(), ok_slot.tolist(), within_slot.tolist()
         for r in np.flatnonzero(per_slot).tolist():
-            idx = first + r
-            slot = self._completions.get(idx)
-            if slot is None:
-                slot = self._completions[idx] = _CompletionSlot()
-            slot.n += int(per_slot[r])
-            slot.n_ok += int(ok_slot[r])
-            slot.n_within_slo += int(within[r])
-            if ok_slot[r]:
-                slot.e2e = hist[r].copy() if slot.e2e is None else slot.e2e + hist[r]
+            self._add_completion_slot(
+                first + r, per[r], oks[r], withins[r], hists[r] if oks[r] else None
+            )
+
+    def _add_completion_slot(
+        self, idx: int, n: int, n_ok: int, within: int, hist: np.ndarray | None
+    ) -> None:
+        slot = self._completions.get(idx)
+        if slot is None:
+            slot = self._completions[idx] = _CompletionSlot()
+        slot.n += n
+        slot.n_ok += n_ok
+        slot.n_within_slo += within
+        self._n += n
+        self._n_ok += n_ok
+        self._n_within_slo += within
+        if hist is not None:
+            slot.e2e = hist.copy() if slot.e2e is None else slot.e2e + hist
+            self._e2e += hist
+            self._e2e_version += 1
 
     def add_replica_status(self, status: ReplicaStatus, now: float) -> None:
         if status.pipeline != self.spec.name:
@@ -354,16 +534,20 @@ class WindowAggregator:
         if replica_status is not None:
             self.add_replica_status(replica_status, now)
         self._prune(now)
+        self._fold()
         queues = queues or {}
         status = self._fresh_replica_status(now)
         metrics: list[StageMetrics] = []
         loads: list[StageLoad] = []
         short: list[str] = []
+        workers: dict[str, list[_Worker]] = {name: [] for name in self._stages}
+        for w in self._workers.values():
+            workers[w.stage].append(w)
         for name, st in self._stages.items():
             obs = queues.get(name)
             if obs is not None:
                 st.queue.append((now, obs.depth, obs.arrived_total))
-            m, load, short_of_replicas = self._stage_metrics(st, now, status)
+            m, load, short_of_replicas = self._stage_metrics(st, now, status, workers[name])
             metrics.append(m)
             loads.append(load)
             if short_of_replicas:
@@ -376,18 +560,95 @@ class WindowAggregator:
         return telemetry
 
     def _prune(self, now: float) -> None:
+        """Drop the slots that left the window, and their contents from the totals."""
         # Keep every slot that overlaps (now - window, now].
         oldest = math.floor((now - self.window_s) / SLOT_S) - 1
         for st in self._stages.values():
             for idx in [i for i in st.slots if i <= oldest]:
-                del st.slots[idx]
+                slot = st.slots.pop(idx)
+                st.dirty.pop(idx, None)
+                st.reports -= slot.reports
+                st.lost_reports -= slot.lost_reports
+                st.processed -= slot.processed
+                st.service_without_rho -= slot.service_without_rho
+                st.floats.drop(slot)
+                if slot.service is not None:
+                    st.service -= slot.service
+                    st.version += 1
+                if slot.queue_wait is not None:
+                    st.queue_wait -= slot.queue_wait
+                    st.version += 1
             while st.queue and st.queue[0][0] < now - self.window_s:
                 st.queue.popleft()
         for idx in [i for i in self._completions if i <= oldest]:
-            del self._completions[idx]
+            c = self._completions.pop(idx)
+            self._dirty_completions.pop(idx, None)
+            self._n -= c.n
+            self._n_ok -= c.n_ok
+            self._n_within_slo -= c.n_within_slo
+            if c.e2e is not None:
+                self._e2e -= c.e2e
+                self._e2e_version += 1
         horizon = now - self.window_s
         for key in [k for k, w in self._workers.items() if w.last_seen_s < horizon]:
             del self._workers[key]
+
+    def _fold(self) -> None:
+        """Fold the reports and completions since the last snapshot into the totals."""
+        for st in self._stages.values():
+            if not st.dirty:
+                continue
+            for slot in st.dirty.values():
+                service, wait = slot.fold()
+                if service is not None:
+                    st.service += service
+                    st.version += 1
+                if wait is not None:
+                    st.queue_wait += wait
+                    st.version += 1
+                st.floats.write(slot)
+            st.dirty.clear()
+        if self._dirty_completions:
+            for c in self._dirty_completions.values():
+                e2e = c.fold()
+                if e2e is not None:
+                    self._e2e += e2e
+                    self._e2e_version += 1
+            self._dirty_completions.clear()
+
+    def _window(self, st: _StageState) -> _Window:
+        """The stage's sums over the window (from the running totals)."""
+        return _Window(st.reports, st.lost_reports, st.processed, st.service_without_rho,
+                       *st.floats.sums())  # fmt: skip
+
+    def _histogram_figures(
+        self, st: _StageState
+    ) -> tuple[Percentiles | None, int, Percentiles | None]:
+        """Service percentiles, service samples and sojourn percentiles over the window
+        (None: no sample); recomputed only when the stage's histograms changed."""
+        cached = st.cached
+        if cached is not None and cached[0] == st.version:
+            return cached[1], cached[2], cached[3]
+        # Cumulative counts as lists: they give the percentiles, the totals and where each
+        # histogram starts and ends (the convolution's span). Counts are >= 0.
+        cum_service: list[int] = st.service.cumsum().tolist()
+        n_service = cum_service[-1]
+        service_pct = percentiles_cum(cum_service)
+        sojourn_pct = None
+        if service_pct is not None:
+            cum_wait: list[int] = st.queue_wait.cumsum().tolist()
+            if cum_wait[-1] > 0:
+                sojourn_pct = sojourn_percentiles(st.queue_wait, cum_wait, st.service, cum_service)
+        st.cached = (st.version, service_pct, n_service, sojourn_pct)
+        return service_pct, n_service, sojourn_pct
+
+    def _completion_window(self) -> tuple[int, int, Percentiles | None]:
+        """Completions, those within the SLO, and end-to-end percentiles over the window."""
+        cached = self._e2e_cached
+        if cached is None or cached[0] != self._e2e_version:
+            cum: list[int] = self._e2e.cumsum().tolist()
+            cached = self._e2e_cached = (self._e2e_version, percentiles_cum(cum))
+        return self._n, self._n_within_slo, cached[1]
 
     def _fresh_replica_status(self, now: float) -> ReplicaStatus | None:
         if self._replicas is None or self._replicas_seen_s is None:
@@ -404,7 +665,7 @@ class WindowAggregator:
         return span if span > 0 else None
 
     def _stage_metrics(
-        self, st: _StageState, now: float, status: ReplicaStatus | None
+        self, st: _StageState, now: float, status: ReplicaStatus | None, workers: list[_Worker]
     ) -> tuple[StageMetrics, StageLoad, bool]:
         """The stage's metrics, the detector's view of it, and whether replicas are missing."""
         spec = st.spec
@@ -413,17 +674,9 @@ class WindowAggregator:
         stale = st.last_report_s is None or now - st.last_report_s > self.stale_after_s
 
         # --- replicas: the supervisor's view when fresh, else the workers' own reports.
-        alive = [
-            w
-            for w in self._workers.values()
-            if w.stage == spec.name and now - w.last_seen_s <= self.stale_after_s
-        ]
+        alive = [w for w in workers if now - w.last_seen_s <= self.stale_after_s]
         vanished = [
-            w
-            for w in self._workers.values()
-            if w.stage == spec.name
-            and now - w.last_seen_s > self.stale_after_s
-            and w.state != "draining"
+            w for w in workers if now - w.last_seen_s > self.stale_after_s and w.state != "draining"
         ]
         reporting = len(alive)
         by_state = {"ready": 0, "starting": 0, "draining": 0}
@@ -450,31 +703,11 @@ class WindowAggregator:
                 missing.append("replicas_ready")
         short_of_replicas = reporting < expected
 
-        # --- sums over the window's slots (one pass).
-        n_reports = lost = processed = without_rho = 0
-        busy_s = interval_s = token_wait_s = rho_int = rho_x_int = 0.0
-        service_sum_ms = service_x_rho_ms = 0.0
-        service_parts: list[np.ndarray] = []
-        wait_parts: list[np.ndarray] = []
-        for s in st.slots.values():
-            s.fold()
-            n_reports += s.reports
-            lost += s.lost_reports
-            processed += s.processed
-            busy_s += s.busy_s
-            interval_s += s.interval_s
-            token_wait_s += s.token_wait_s
-            rho_int += s.rho_interval_s
-            rho_x_int += s.rho_x_interval
-            service_sum_ms += s.service_sum_ms
-            service_x_rho_ms += s.service_x_rho_ms
-            without_rho += s.service_without_rho
-            if s.service is not None:
-                service_parts.append(s.service)
-            if s.queue_wait is not None:
-                wait_parts.append(s.queue_wait)
-        service = _total(service_parts)
-        queue_wait = _total(wait_parts)
+        # --- sums over the window's slots.
+        win = self._window(st)
+        n_reports, lost, processed = win.reports, win.lost_reports, win.processed
+        busy_s, interval_s, token_wait_s = win.busy_s, win.interval_s, win.token_wait_s
+        rho_int, rho_x_int = win.rho_interval_s, win.rho_x_interval
 
         # --- rho: what the replicas say they run at, else the spec's start value.
         rho: float | None = None
@@ -521,20 +754,17 @@ class WindowAggregator:
                     if utilisation is not None
                     else ["throughput_rps"]
                 )
-            service_pct = percentiles_dense(service)
+            service_pct, n_service, sojourn_pct = self._histogram_figures(st)
             if service_pct is None:
                 missing.append("service_ms")
             else:
-                n_service = int(service.sum())
-                service_mean_s = service_sum_ms / n_service / 1000.0
-                if rho_now is not None and rho_now > 0 and without_rho == 0:
+                service_mean_s = win.service_sum_ms / n_service / 1000.0
+                if rho_now is not None and rho_now > 0 and win.service_without_rho == 0:
                     # The detector wants the service time at the rho the stage has now. A GPU
                     # request's time scales as 1 / rho, so the window's samples are brought
                     # to full speed (x the rho each ran at) and then to the current rho. A rho
                     # change shows within one report instead of one window.
-                    service_mean_s = service_x_rho_ms / n_service / rho_now / 1000.0
-            if service_pct is not None and queue_wait.any():
-                sojourn_pct = percentiles_dense(convolve_dense(queue_wait, service))
+                    service_mean_s = win.service_x_rho_ms / n_service / rho_now / 1000.0
             if sojourn_pct is None:
                 missing.append("sojourn_ms")
             else:
@@ -605,7 +835,8 @@ class WindowAggregator:
 
     def _growth(self, st: _StageState, now: float) -> float | None:
         """Least-squares slope of queue depth over the growth window (requests/s)."""
-        pts = [(t, d) for t, d, _ in st.queue if d is not None and t >= now - self.growth_window_s]
+        since = now - self.growth_window_s
+        pts = [(t, d) for t, d, _ in st.queue if d is not None and t >= since]
         if len(pts) < 2 or pts[-1][0] - pts[0][0] < 1e-6:
             return None
         n = len(pts)
@@ -632,15 +863,7 @@ class WindowAggregator:
     def _pipeline(
         self, now: float, stages: list[StageMetrics], bottleneck: Bottleneck, short: list[str]
     ) -> PipelineTelemetry:
-        slots = list(self._completions.values())
-        n = sum(s.n for s in slots)
-        n_within = sum(s.n_within_slo for s in slots)
-        parts: list[np.ndarray] = []
-        for s in slots:
-            s.fold()
-            if s.e2e is not None:
-                parts.append(s.e2e)
-        pct = percentiles_dense(_total(parts))
+        n, n_within, pct = self._completion_window()
         span = self._effective_window_s(self._started_s, now)
         completed = n / span if span is not None and span >= SLOT_S else None
         cost = sum(m.cost_per_h for m in stages)
@@ -673,34 +896,20 @@ class WindowAggregator:
         )
 
 
-def fold_pending(
-    pending: tuple[list[int], list[int]], into: np.ndarray | None
-) -> np.ndarray | None:
-    """Add (indices, counts) pairs into dense counts with one bincount, then clear them."""
+def pending_counts(pending: tuple[list[int], list[int]]) -> np.ndarray | None:
+    """Dense counts of (indices, counts) pairs with one bincount, then clear them (None:
+    there were none)."""
     keys, values = pending
     if not keys:
-        return into
-    weights = np.asarray(values, dtype=np.float64)
-    if weights.sum() >= 2**53:  # beyond float64's exact integers: exact, slower
+        return None
+    if sum(values) >= 2**53:  # beyond float64's exact integers: exact, slower
         counts = np.zeros(N_BUCKETS, dtype=np.int64)
         np.add.at(counts, np.asarray(keys, dtype=np.intp), np.asarray(values, dtype=np.int64))
     else:
-        counts = np.bincount(
-            np.asarray(keys, dtype=np.intp), weights=weights, minlength=N_BUCKETS
-        ).astype(np.int64)
+        counts = np.bincount(keys, weights=values, minlength=N_BUCKETS).astype(np.int64)
     keys.clear()
     values.clear()
-    return counts if into is None else into + counts
-
-
-def _total(parts: list[np.ndarray]) -> np.ndarray:
-    """Sum of dense counts (zeros when there are none)."""
-    if not parts:
-        return np.zeros(N_BUCKETS, dtype=np.int64)
-    if len(parts) == 1:
-        return parts[0]
-    out: np.ndarray = np.add.reduce(parts)
-    return out
+    return counts
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -144,13 +144,28 @@ def _saturated(s: StageLoad) -> bool:
 
 
 def _pipeline_latency_s(
-    models: Sequence[_Model], demand: float, extra: int | None, horizon_s: float
+    models: Sequence[_Model],
+    demand: float,
+    extra: int | None,
+    horizon_s: float,
+    memo: dict[tuple[int, float, int], tuple[float, float]] | None = None,
 ) -> float:
+    """Mean end-to-end latency with `extra` (a stage's index) given one more replica.
+
+    `memo` keeps `_stage_latency_s` answers by (stage, inflow, servers) across the calls of
+    one detection: the stages upstream of the extra replica, and those downstream whose
+    inflow it does not change, are the base case's (a pure function: the same numbers)."""
     flow = demand
     total = 0.0
     for i, m in enumerate(models):
         servers = m.servers + (m.step if i == extra else 0)
-        latency, flow = _stage_latency_s(flow, m.mu, servers, m.queue0, horizon_s)
+        key = (i, flow, servers)
+        hit = memo.get(key) if memo is not None else None
+        if hit is None:
+            hit = _stage_latency_s(flow, m.mu, servers, m.queue0, horizon_s)
+            if memo is not None:
+                memo[key] = hit
+        latency, flow = hit
         total += latency
     return total
 
@@ -179,12 +194,13 @@ def detect_bottleneck(
     demand = _demand(stages)
     if demand is None:
         return Bottleneck(None, 0.0)
-    base = _pipeline_latency_s(models, demand, None, horizon_s)
+    memo: dict[tuple[int, float, int], tuple[float, float]] = {}
+    base = _pipeline_latency_s(models, demand, None, horizon_s, memo)
     gains: dict[str, float] = {}
     for i, s in enumerate(stages):
         if models[i].mu >= 1e9:
             continue
-        gains[s.name] = 1000.0 * (base - _pipeline_latency_s(models, demand, i, horizon_s))
+        gains[s.name] = 1000.0 * (base - _pipeline_latency_s(models, demand, i, horizon_s, memo))
     if not gains:
         return Bottleneck(None, 0.0, gains)
     ranked = sorted(gains.items(), key=lambda kv: kv[1], reverse=True)

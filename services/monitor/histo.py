@@ -8,6 +8,7 @@ sparse `dict[int, int]` counts for callers that have those.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 
 import numpy as np
@@ -40,8 +41,9 @@ def bucket_rep_ms(index: int) -> float:
     return rep
 
 
-def bucket_indices(values_ms: np.ndarray) -> np.ndarray:
-    """`bucket_index` of every value (int64), vectorised; values must be finite and >= 0.
+def bucket_indices(values_ms: np.ndarray, validate: bool = True) -> np.ndarray:
+    """`bucket_index` of every value (int64), vectorised; values must be finite and >= 0
+    (checked unless `validate` is False: the caller has checked them).
 
     `bucket_index(v)` is the first bucket whose upper bound is >= v (its log10 estimate is
     only a starting point that it corrects upwards), which is a binary search over the bounds.
@@ -49,13 +51,13 @@ def bucket_indices(values_ms: np.ndarray) -> np.ndarray:
     logarithm alone: those rare values are looked up one by one.
     """
     v = np.asarray(values_ms, dtype=np.float64)
-    if v.size and not (np.isfinite(v).all() and (v >= 0).all()):
+    if validate and v.size and not (np.isfinite(v).all() and (v >= 0).all()):
         bad = v[~(np.isfinite(v) & (v >= 0))][0]
         raise ValueError(f"latency value_ms={float(bad)!r} must be finite and >= 0")
-    idx = np.searchsorted(_BOUNDS, v, side="left").astype(np.int64)
-    over = np.flatnonzero(idx == OVERFLOW_BUCKET)
-    for k in over.tolist():
-        idx[k] = bucket_index(float(v[k]))
+    idx = np.searchsorted(_BOUNDS, v, side="left").astype(np.int64, copy=False)
+    if v.size and v.max() > _BOUNDS[-1]:
+        for k in np.flatnonzero(idx == OVERFLOW_BUCKET).tolist():
+            idx[k] = bucket_index(float(v[k]))
     return idx
 
 
@@ -137,16 +139,74 @@ def _quantile_at(counts: np.ndarray, cum: np.ndarray, rank: float, idx: int) -> 
 
 def percentiles_dense(counts: np.ndarray) -> Percentiles | None:
     """`percentiles` of dense counts (identical results)."""
-    cum = np.cumsum(counts)
+    cum = counts.cumsum()
     total = int(cum[-1])
     if total <= 0:
         return None
+    if total < _EXACT_FLOAT:
+        return percentiles_cum(cum.tolist())
+    # Beyond float64's exact integers: numpy's comparisons, as always done here.
     ranks = [0.50 * total, 0.95 * total, 0.99 * total]
     where = np.searchsorted(cum, ranks, side="left").tolist()
     p50, p95, p99 = (
         _quantile_at(counts, cum, rank, idx) for rank, idx in zip(ranks, where, strict=True)
     )
     return _ordered(p50, p95, p99)
+
+
+def percentiles_cum(cum: list[int] | list[float]) -> Percentiles | None:
+    """`percentiles_dense` from the cumulative counts as a list (total below 2**53).
+
+    Three binary searches over Python numbers instead of numpy calls. int and float compare
+    exactly in Python, as numpy compares them below 2**53, so the buckets, and the results,
+    are those of `percentiles_dense` (and of `quantile_from_counts`).
+    """
+    total = cum[-1]
+    if total <= 0:
+        return None
+    return _ordered(
+        _quantile_cum(cum, 0.50 * total),
+        _quantile_cum(cum, 0.95 * total),
+        _quantile_cum(cum, 0.99 * total),
+    )
+
+
+def _quantile_cum(cum: list[int] | list[float], rank: float) -> float:
+    """`_quantile_at` on cumulative counts: the bucket where the cumulative count reaches
+    `rank` (never an empty one), interpolated geometrically (the same arithmetic)."""
+    idx = bisect_left(cum, rank)
+    if idx >= N_BUCKETS:
+        return _HIGH[bisect_left(cum, cum[-1])]  # the last non-empty bucket
+    seen = cum[idx - 1] if idx else 0
+    frac = (rank - seen) / (cum[idx] - seen)
+    if idx == 0:
+        return _HIGH[0] * frac
+    low = _LOW[idx]
+    return float(low * (_HIGH[idx] / low) ** frac)
+
+
+def sojourn_percentiles(
+    wait: np.ndarray, cum_wait: list[int], service: np.ndarray, cum_service: list[int]
+) -> Percentiles | None:
+    """`percentiles_dense(convolve_dense(wait, service))` (identical results) for counts
+    >= 0 with their cumulative counts as lists (as `percentiles_cum` takes them).
+
+    Pairs over the span from each side's first to last non-empty bucket, found in the
+    cumulative counts (empty buckets in between add zero), so no index arrays are built; the
+    sums stay float64, exact integers as in `convolve_dense`, and go to `percentiles_cum`.
+    """
+    total_w, total_s = cum_wait[-1], cum_service[-1]
+    if total_w <= 0 or total_s <= 0:
+        return None
+    if total_w * total_s >= _EXACT_FLOAT:
+        return percentiles_dense(convolve_dense(wait, service))
+    w0, w1 = bisect_right(cum_wait, 0), bisect_left(cum_wait, total_w) + 1
+    s0, s1 = bisect_right(cum_service, 0), bisect_left(cum_service, total_s) + 1
+    prod = np.multiply.outer(wait[w0:w1], service[s0:s1])
+    idx = sum_index_table()[w0:w1, s0:s1]
+    sums = np.bincount(idx.ravel(), weights=prod.ravel(), minlength=N_BUCKETS)
+    cum: list[float] = sums.cumsum().tolist()
+    return percentiles_cum(cum)
 
 
 def convolve_dense(a: np.ndarray, b: np.ndarray) -> np.ndarray:
