@@ -446,9 +446,6 @@ class ClosedLoop:
         self.workdir = config.workdir.resolve()
         self.spec_file = spec_path(config.pipeline)
         self.spec: PipelineSpec = load_pipeline_spec(self.spec_file)
-        self.host_cap: list[str] = []
-        if config.host_cap:
-            self._cap_to_host(config.host_cores or len(os.sched_getaffinity(0)))
         if config.workload not in WORKLOADS:
             raise ClosedLoopError(
                 f"workload={config.workload!r}: must be one of {', '.join(WORKLOADS)}"
@@ -469,6 +466,10 @@ class ClosedLoop:
                 f"policy={config.policy!r}: must be one of {', '.join(POLICY_NAMES)}"
             )
         self.params = config.workload_params()
+        # After every check above: a refused configuration writes nothing.
+        self.host_cap: list[str] = []
+        if config.host_cap:
+            self._cap_to_host(config.host_cores or len(os.sched_getaffinity(0)))
         self.calibration: dict[str, Any] | None = None
         self.record = RunRecord(self.spec, t0_s=time.time())
         self.on_telemetry = on_telemetry
