@@ -385,10 +385,9 @@ class Reaper:
         self.proc = None
 
 
-def live_descendants(root: int | None = None) -> list[int]:
-    """Pids of the running (non-zombie) processes below `root` (default: this process)."""
-    root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
+def _proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgid) of every process in /proc (those gone meanwhile skipped)."""
+    out: list[tuple[int, str, int, int]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -397,9 +396,17 @@ def live_descendants(root: int | None = None) -> list[int]:
                 rest = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, ppid = rest[0], int(rest[1])
+        out.append((int(entry), rest[0], int(rest[1]), int(rest[2])))
+    return out
+
+
+def live_descendants(root: int | None = None) -> list[int]:
+    """Pids of the running (non-zombie) processes below `root` (default: this process)."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    for pid, state, ppid, _pgid in _proc_stats():
         if state != "Z":
-            children.setdefault(ppid, []).append(int(entry))
+            children.setdefault(ppid, []).append(pid)
     out: list[int] = []
     todo = list(children.get(root, []))
     while todo:
@@ -411,18 +418,9 @@ def live_descendants(root: int | None = None) -> list[int]:
 
 def group_members(pgids: set[int]) -> list[int]:
     """Pids of the running (non-zombie) processes whose process group is one of `pgids`."""
-    out: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if rest[0] != "Z" and int(rest[2]) in pgids:
-            out.append(int(entry))
-    return sorted(out)
+    return sorted(
+        pid for pid, state, _ppid, pgid in _proc_stats() if state != "Z" and pgid in pgids
+    )
 
 
 def pid_alive(pid: int) -> bool:

@@ -238,11 +238,14 @@ def observe(
         if cap is not None:
             caps.append((st.name, cap))
         served = prev_cap.get(st.name, cap) if p is not None else cap
-        if saturated and counted is not None:
-            arrival = counted
-            demand = max(demand, arrival + upstream_growth)
-        elif saturated and served is not None:
-            arrival = max(0.0, served + g)
+        surging_arrival: float | None = None
+        if saturated:
+            if counted is not None:
+                surging_arrival = counted
+            elif served is not None:
+                surging_arrival = max(0.0, served + g)
+        if surging_arrival is not None:
+            arrival = surging_arrival
             if math.isfinite(arrival):
                 demand = max(demand, arrival + upstream_growth)
         stages[st.name] = StageNow(st.name, cap, q, growth, arrival, saturated, backlog_min)
